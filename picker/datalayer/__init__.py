@@ -1,0 +1,1 @@
+"""Endpoint state: what the picker knows about each replica (scraped metrics, its own in-flight load)."""

@@ -1,0 +1,197 @@
+"""What the scheduler needs to know about one inference request, read from headers and body.
+
+Bodies are parsed once with orjson and never re-serialised: the picker forwards the client's bytes
+unchanged. Only the text that forms the prompt's prefix is kept, capped at `max_prefix_chars`, so a
+many-MB prompt costs no more hashing than a 16 KB one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+CHARS_PER_TOKEN = 4
+
+
+class BadRequest(ValueError):
+    """The client sent something no replica could serve; answered with a 400 (or `status`)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    method: str = "GET"
+    path: str = "/"
+    content_type: str = ""
+    objective: str | None = None
+    priority: int = 0
+    session_key: str | None = None
+    # `ip:port` set from the gateway's `envoy.lb.subset_hint`; None means "no hint given".
+    subset: frozenset[str] | None = None
+    model: str = ""
+    prompt: str = ""
+    prompt_chars: int = 0
+    stream: bool = False
+    body_bytes: int = 0
+    # Per-request scratch space for plugins (e.g. prefix hashes computed once per cycle).
+    cycle: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sheddable(self) -> bool:
+        return self.priority < 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prompt_chars // CHARS_PER_TOKEN
+
+
+def is_json_content_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def apply_body(request: InferenceRequest, body: bytes, max_prefix_chars: int) -> None:
+    """Fill model / prompt / stream from an OpenAI-style body.
+
+    Raises BadRequest only when the body claims to be JSON (or looks like a JSON object) and is
+    not a well-formed OpenAI request; any other body routes on load alone.
+    """
+    request.body_bytes = len(body)
+    if not body:
+        return
+    declared = is_json_content_type(request.content_type)
+    if not declared and body[:1] not in (b"{", b"[") and body.lstrip()[:1] != b"{":
+        return
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if declared:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        return
+    if not isinstance(doc, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = doc.get("model", "")
+    if not isinstance(model, str):
+        raise BadRequest("'model' must be a string")
+    request.model = model
+    request.stream = doc.get("stream") is True
+    parts = _PromptBuilder(max_prefix_chars)
+    if "messages" in doc:
+        _chat_messages(doc["messages"], parts)
+    elif "prompt" in doc:
+        _completion_prompt(doc["prompt"], parts)
+    elif "input" in doc:
+        instructions = doc.get("instructions")
+        if isinstance(instructions, str):
+            parts.add(instructions)
+        _responses_input(doc["input"], parts)
+    request.prompt, request.prompt_chars = parts.result()
+
+
+class _PromptBuilder:
+    """Joins prompt pieces, keeping at most `cap` characters but counting them all."""
+
+    __slots__ = ("cap", "kept", "pieces", "total")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.pieces: list[str] = []
+        self.kept = 0
+        self.total = 0
+
+    def add(self, text: str) -> None:
+        self.total += len(text)
+        room = self.cap - self.kept
+        if room > 0:
+            piece = text if len(text) <= room else text[:room]
+            self.pieces.append(piece)
+            self.kept += len(piece)
+
+    def result(self) -> tuple[str, int]:
+        return "".join(self.pieces), self.total
+
+
+def _chat_messages(messages: object, parts: _PromptBuilder) -> None:
+    if not isinstance(messages, list):
+        raise BadRequest("'messages' must be an array")
+    for message in messages:
+        if not isinstance(message, dict):
+            raise BadRequest("each message must be an object")
+        role = message.get("role")
+        parts.add(role if isinstance(role, str) else "")
+        parts.add("\n")
+        _content(message.get("content"), parts)
+        parts.add("\n")
+
+
+def _content(content: object, parts: _PromptBuilder) -> None:
+    """A message's content: a string or an array of content parts (text parts contribute)."""
+    if isinstance(content, str):
+        parts.add(content)
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    parts.add(text)
+            elif isinstance(part, str):
+                parts.add(part)
+    elif content is not None:
+        raise BadRequest("message 'content' must be a string or an array of parts")
+
+
+def _completion_prompt(prompt: object, parts: _PromptBuilder) -> None:
+    if isinstance(prompt, str):
+        parts.add(prompt)
+    elif isinstance(prompt, list):
+        if prompt and isinstance(prompt[0], int):
+            _token_ids(prompt, parts)
+            return
+        for item in prompt:
+            if isinstance(item, str):
+                parts.add(item)
+            elif isinstance(item, list):
+                _token_ids(item, parts)
+            else:
+                raise BadRequest("'prompt' must be a string, an array of strings or token ids")
+    else:
+        raise BadRequest("'prompt' must be a string, an array of strings or token ids")
+
+
+def _token_ids(ids: list[object], parts: _PromptBuilder) -> None:
+    """Token-id prompts: each id stands for one token's worth of characters."""
+    for token in ids:
+        if not isinstance(token, int):
+            raise BadRequest("token-id prompts must contain only integers")
+        parts.add(f"{token:>{CHARS_PER_TOKEN}}"[-CHARS_PER_TOKEN:])
+
+
+def _responses_input(value: object, parts: _PromptBuilder) -> None:
+    """`/v1/responses` and `/v1/embeddings` input: a string, strings, token ids or input items."""
+    if isinstance(value, str):
+        parts.add(value)
+    elif isinstance(value, list):
+        if value and isinstance(value[0], int):
+            _token_ids(value, parts)
+            return
+        for item in value:
+            if isinstance(item, str):
+                parts.add(item)
+            elif isinstance(item, list):
+                _token_ids(item, parts)
+            elif isinstance(item, dict):
+                role = item.get("role")
+                if isinstance(role, str):
+                    parts.add(role)
+                    parts.add("\n")
+                _content(item.get("content"), parts)
+                parts.add("\n")
+            else:
+                raise BadRequest("'input' items must be strings, token ids or objects")
+    else:
+        raise BadRequest("'input' must be a string or an array")

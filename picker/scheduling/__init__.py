@@ -1,0 +1,1 @@
+"""Scheduling: filters narrow the candidates, weighted scorers rank them, a picker chooses."""

@@ -1,0 +1,51 @@
+"""The contracts of the scheduling extension points (implementations live beside this module).
+
+Modelled on the reference EPP's framework: a plugin is configured from YAML by its `type`, scores
+are in [0, 1] and combined as a weighted sum, and scorers say whether they pull traffic together
+(affinity) or spread it (distribution).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Protocol
+
+from picker.datalayer.endpoint import Endpoint
+from picker.request import InferenceRequest
+
+
+class ScorerCategory(enum.StrEnum):
+    AFFINITY = "affinity"  # prefers endpoints likely to hold this request's state
+    DISTRIBUTION = "distribution"  # prefers endpoints with spare capacity
+
+
+class Filter(Protocol):
+    name: str
+
+    def filter(self, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
+        """The candidates that may serve `request` (a subset, order kept)."""
+        ...
+
+
+class Scorer(Protocol):
+    name: str
+    category: ScorerCategory
+
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[float]:
+        """One score in [0, 1] per candidate, in candidate order; higher is better."""
+        ...
+
+
+class Picker(Protocol):
+    name: str
+
+    def pick(self, candidates: Sequence[Endpoint], scores: Sequence[float]) -> list[Endpoint]:
+        """The chosen endpoint first, then fallbacks a gateway may retry in order."""
+        ...
+
+
+class PickObserver(Protocol):
+    """Request control: told of every decision (e.g. so the prefix index learns what went where)."""
+
+    def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None: ...
