@@ -99,11 +99,7 @@ class Config:
         _reject_unknown(SchedulingConfig, sched, "scheduling")
         scheduling = SchedulingConfig(
             **{
-                key: (
-                    _plugin(value)
-                    if key == "picker"
-                    else tuple(_plugin(item) for item in value or ())
-                )
+                key: (_plugin(value) if key == "picker" else tuple(_plugin(item) for item in value or ()))
                 for key, value in sched.items()
             }
         )

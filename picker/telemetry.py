@@ -5,6 +5,8 @@ Labels carry endpoint addresses, reasons and status codes only: never prompt tex
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -73,7 +75,5 @@ STREAMS_OPEN = Gauge(
 def forget_endpoint(address: str) -> None:
     """Drop an endpoint's series when it leaves the pool, so label sets stay bounded."""
     for family in (INFLIGHT_REQUESTS, INFLIGHT_TOKENS, SCRAPE_AGE, ENDPOINT_ROUTABLE):
-        try:
+        with contextlib.suppress(KeyError):
             family.remove(address)
-        except KeyError:
-            pass

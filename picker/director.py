@@ -1,0 +1,97 @@
+"""Request control: admission, scheduling and in-flight accounting around one decision.
+
+The protocol layer turns ext_proc messages into an InferenceRequest and hands it here; it gets back
+either where to send it or why not, and releases the endpoint when the HTTP exchange ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from picker import telemetry
+from picker.admission import Admission
+from picker.datalayer.endpoint import Endpoint
+from picker.datalayer.pool import EndpointPool
+from picker.request import InferenceRequest
+from picker.scheduling.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Routed:
+    endpoint: Endpoint
+    destinations: str  # the pick, then fallbacks: "ip:port[,ip:port...]"
+    tokens: int  # prompt tokens held on the endpoint while the exchange lasts
+
+
+@dataclass(slots=True)
+class Refused:
+    status: int
+    message: str
+    retry_after: int | None = None
+
+
+class Director:
+    def __init__(
+        self,
+        pool: EndpointPool,
+        scheduler: Scheduler,
+        admission: Admission,
+        *,
+        log_prompts: bool = False,
+    ) -> None:
+        self.pool = pool
+        self.scheduler = scheduler
+        self.admission = admission
+        self.log_prompts = log_prompts
+
+    def route(self, request: InferenceRequest) -> Routed | Refused:
+        started = time.perf_counter()
+        candidates = self.pool.endpoints
+        if request.subset is not None:
+            candidates = tuple(e for e in candidates if e.address in request.subset)
+        rejection = self.admission.check(request, candidates)
+        if rejection is not None:
+            return Refused(rejection.status, rejection.message, rejection.retry_after)
+        result = self.scheduler.schedule(request)
+        if result is None:
+            if request.subset is not None:
+                return Refused(503, "no ready endpoint in the gateway's subset hint")
+            return Refused(503, "no ready inference endpoint")
+        chosen = result.endpoints[0]
+        tokens = request.prompt_tokens
+        self._hold(chosen, 1, tokens)
+        telemetry.PICK_LATENCY.observe(time.perf_counter() - started)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "routed %s %s model=%r to %s (%s)%s",
+                request.method,
+                request.path,
+                request.model,
+                chosen.address,
+                result.reason,
+                f" prompt={request.prompt[:200]!r}" if self.log_prompts else "",
+            )
+        return Routed(chosen, ",".join(e.address for e in result.endpoints), tokens)
+
+    def release(self, routed: Routed) -> None:
+        self._hold(routed.endpoint, -1, -routed.tokens)
+
+    def moved(self, routed: Routed, served_address: str) -> Routed:
+        """The gateway served the request elsewhere (a fallback): move what we hold there."""
+        served = self.pool.get(served_address)
+        if served is None or served is routed.endpoint:
+            return routed
+        self.release(routed)
+        self._hold(served, 1, routed.tokens)
+        return Routed(served, routed.destinations, routed.tokens)
+
+    @staticmethod
+    def _hold(endpoint: Endpoint, requests: int, tokens: int) -> None:
+        endpoint.inflight_requests += requests
+        endpoint.inflight_tokens += tokens
+        telemetry.INFLIGHT_REQUESTS.labels(endpoint.address).set(endpoint.inflight_requests)
+        telemetry.INFLIGHT_TOKENS.labels(endpoint.address).set(endpoint.inflight_tokens)

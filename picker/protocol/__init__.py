@@ -1,0 +1,1 @@
+"""The EPP protocol: Envoy ext_proc streams in, routing answers out."""

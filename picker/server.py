@@ -1,0 +1,157 @@
+"""Wires the picker together and runs it: ext_proc and health gRPC servers, metrics, discovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from prometheus_client import start_http_server
+
+from picker import telemetry
+from picker.admission import Admission
+from picker.config import Config
+from picker.datalayer.pool import EndpointPool
+from picker.datalayer.scraper import Scraper
+from picker.director import Director
+from picker.discovery.source import EndpointSource
+from picker.protocol.extproc import ExtProcService
+from picker.protocol.health import Health
+from picker.scheduling.scheduler import Scheduler
+from picker.tls import server_credentials
+
+log = logging.getLogger(__name__)
+
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+@dataclass
+class ServeOptions:
+    source: EndpointSource
+    config: Config = field(default_factory=Config)
+    bind_address: str = "127.0.0.1"
+    grpc_port: int = 9002
+    grpc_health_port: int = 9003
+    metrics_port: int = 9090
+    secure_serving: bool = True
+    cert_path: str | None = None
+    grace_period: float = 25.0
+    log_prompts: bool = False
+
+
+def _grpc_options(config: Config) -> list[tuple[str, int]]:
+    """Limits sized for bursts of long prompts (see reference.md: defaults drop streams)."""
+    message_limit = config.limits.max_body_bytes + 1024 * 1024
+    return [
+        ("grpc.max_receive_message_length", message_limit),
+        ("grpc.max_send_message_length", message_limit),
+        ("grpc.max_concurrent_streams", 1_000_000),
+        ("grpc.server.max_pending_requests", 100_000),
+        ("grpc.server.max_pending_requests_hard_limit", 200_000),
+        ("grpc.so_reuseport", 0),  # a second picker on the same port must fail, not share it
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class PickerServer:
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        config = options.config
+        self.pool = EndpointPool()
+        self.scraper = Scraper(self.pool, config.metrics)
+        self.scheduler = Scheduler.from_config(config, self.pool, self.scraper)
+        self.director = Director(
+            self.pool,
+            self.scheduler,
+            Admission(config.saturation, config.metrics),
+            log_prompts=options.log_prompts,
+        )
+        self.extproc = ExtProcService(self.director, config)
+        self.health = Health()
+        self._servers: list[grpc.aio.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_http: object | None = None
+        self.grpc_port = options.grpc_port
+        self.grpc_health_port = options.grpc_health_port
+        self.metrics_port = options.metrics_port
+
+    async def start(self) -> None:
+        opts = self.options
+        await self.health.start()
+        handler = grpc.method_handlers_generic_handler(
+            EXTPROC_SERVICE,
+            {"Process": grpc.stream_stream_rpc_method_handler(self.extproc.process)},
+        )
+        main = grpc.aio.server(options=_grpc_options(opts.config))
+        main.add_generic_rpc_handlers((handler,))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
+        address = f"{opts.bind_address}:{opts.grpc_port}"
+        if opts.secure_serving:
+            self.grpc_port = main.add_secure_port(address, server_credentials(opts.cert_path))
+        else:
+            self.grpc_port = main.add_insecure_port(address)
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+        self.grpc_health_port = health_server.add_insecure_port(
+            f"{opts.bind_address}:{opts.grpc_health_port}"
+        )
+        self._servers = [main, health_server]
+        for server in self._servers:
+            await server.start()
+        http_server, _ = start_http_server(opts.metrics_port, opts.bind_address, registry=telemetry.REGISTRY)
+        self._metrics_http = http_server
+        self.metrics_port = http_server.server_port
+        self._tasks = [
+            asyncio.create_task(opts.source.run(self.pool.set_addresses), name="discovery"),
+            asyncio.create_task(self.scraper.run(), name="scraper"),
+            asyncio.create_task(self._become_ready(), name="readiness"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(_crash_on_failure)
+        log.info(
+            "picker serving ext_proc on %s:%d (%s), health on %d, metrics on %d",
+            opts.bind_address,
+            self.grpc_port,
+            "TLS" if opts.secure_serving else "plaintext",
+            self.grpc_health_port,
+            self.metrics_port,
+        )
+
+    async def _become_ready(self) -> None:
+        await self.pool.synced.wait()
+        await self.scraper.first_round.wait()
+        await self.health.set_ready(True)
+        log.info("ready: %d endpoints known", len(self.pool))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Readiness goes NOT_SERVING at once; streams in flight get `grace` seconds to finish."""
+        grace = self.options.grace_period if grace is None else grace
+        await self.health.set_ready(False)
+        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()  # type: ignore[attr-defined]
+
+    async def run_until_signalled(self) -> None:
+        await self.start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        log.info("shutting down: draining streams for up to %.0fs", self.options.grace_period)
+        await self.stop()
+
+
+def _crash_on_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("background task %s failed", task.get_name(), exc_info=task.exception())
