@@ -1,0 +1,43 @@
+"""Filters: narrow the candidates before scoring.
+
+Plugins are dataclasses: fields named like `PluginContext` attributes (pool, metrics, clock, rng)
+are filled from the context, every other field is a YAML param (see `scheduler.build_plugin`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from picker.config import MetricsConfig
+from picker.datalayer.endpoint import Endpoint
+from picker.request import InferenceRequest
+
+
+@dataclass(slots=True)
+class SubsetFilter:
+    """Honours the gateway's subset hint; an empty hint leaves nothing (the gateway answers 503)."""
+
+    name: ClassVar[str] = "subset"
+
+    def filter(self, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
+        subset = request.subset
+        if subset is None:
+            return candidates
+        return [endpoint for endpoint in candidates if endpoint.address in subset]
+
+
+@dataclass(slots=True)
+class HealthyFilter:
+    """Keeps endpoints whose metrics are known and recent: anything else may be down or hung."""
+
+    name: ClassVar[str] = "healthy"
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    clock: Callable[[], float] = time.monotonic
+
+    def filter(self, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
+        now = self.clock()
+        stale_after = self.metrics.stale_after
+        return [endpoint for endpoint in candidates if endpoint.is_fresh(now, stale_after)]

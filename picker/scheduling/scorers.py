@@ -1,0 +1,213 @@
+"""Scorers: each rates every candidate in [0, 1]; the scheduler sums them with their weights.
+
+Distribution scorers spread load (scraped queue and KV use, the picker's own in-flight counts);
+affinity scorers pull a request towards the endpoint likely to hold its state (prefix cache,
+session). Hot path: plain lists of floats, no per-candidate allocation beyond them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from picker.datalayer.endpoint import Endpoint
+from picker.datalayer.pool import EndpointPool
+from picker.request import CHARS_PER_TOKEN, InferenceRequest
+from picker.scheduling.interface import ScorerCategory
+from picker.scheduling.prefix import PrefixIndex, block_hashes
+from picker.telemetry import PREFIX_MATCH_RATIO
+
+
+def least_is_best(values: Sequence[float | None]) -> list[float]:
+    """The reference queue formula (max - v) / (max - min): 1 for the least loaded, 0 for the most.
+
+    All equal -> 1.0 each (nothing to prefer). None (unknown) -> 0.0, and is left out of min/max so
+    an endpoint we know nothing about neither wins nor distorts the others' scale.
+    """
+    known = values if None not in values else [v for v in values if v is not None]
+    if not known:
+        return [0.0] * len(values)
+    low = min(known)
+    span = max(known) - low
+    if span <= 0.0:
+        return [0.0 if v is None else 1.0 for v in values]
+    high = low + span
+    return [0.0 if v is None else (high - v) / span for v in values]
+
+
+@dataclass(slots=True)
+class QueueScorer:
+    """Fewer waiting requests (last scrape) is better."""
+
+    name: ClassVar[str] = "queue"
+    category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
+
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+        return least_is_best([ep.metrics.waiting if ep.metrics else None for ep in candidates])
+
+
+@dataclass(slots=True)
+class KVCacheUtilizationScorer:
+    """More free KV cache (last scrape) is better: 1 - kv_usage; unknown -> 0."""
+
+    name: ClassVar[str] = "kv-cache-utilization"
+    category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
+
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+        return [
+            (1.0 - m.kv_usage if m.kv_usage < 1.0 else 0.0) if (m := ep.metrics) else 0.0 for ep in candidates
+        ]
+
+
+@dataclass(slots=True)
+class InflightLoadScorer:
+    """Fewer requests (or prompt tokens) the picker itself has in flight there is better.
+
+    These counts are exact and move with every pick, so a burst arriving between two scrapes is
+    spread instead of landing entirely on the endpoint that looked idle at the last scrape.
+    Configure it twice (one per `measure`) to weigh both.
+    """
+
+    name: ClassVar[str] = "inflight-load"
+    category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
+    measure: str = "requests"  # "requests" or "tokens"
+
+    def __post_init__(self) -> None:
+        if self.measure not in ("requests", "tokens"):
+            raise ValueError(f"measure must be 'requests' or 'tokens', not {self.measure!r}")
+
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+        if self.measure == "requests":
+            return least_is_best([ep.inflight_requests for ep in candidates])
+        return least_is_best([ep.inflight_tokens for ep in candidates])
+
+
+@dataclass(slots=True)
+class SessionAffinityScorer:
+    """Requests of one session (`request.session_key`) prefer the endpoint that served it last."""
+
+    name: ClassVar[str] = "session-affinity"
+    category: ClassVar[ScorerCategory] = ScorerCategory.AFFINITY
+    max_sessions: int = 65536
+    _last: OrderedDict[str, str] = field(init=False, default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+        address = self._last.get(request.session_key) if request.session_key else None
+        return [1.0 if ep.address == address else 0.0 for ep in candidates]
+
+    def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None:
+        key = request.session_key
+        if not key:
+            return
+        self._last[key] = endpoint.address
+        self._last.move_to_end(key)
+        if len(self._last) > self.max_sessions:
+            self._last.popitem(last=False)
+
+
+@dataclass(slots=True)
+class _PrefixCycle:
+    """What the prefix scorer keeps in `request.cycle` between scoring and `on_pick`."""
+
+    block_size_tokens: int
+    hashes: list[int]
+    matched: dict[Endpoint, int] = field(default_factory=dict)
+
+
+_CYCLE_KEY = "prefix-cache"
+_RETUNE_INTERVAL = 1.0  # seconds between looks at the pool's reported block sizes
+
+
+@dataclass(slots=True)
+class PrefixCacheScorer:
+    """Share of the prompt's leading blocks the index says the endpoint was already given.
+
+    Also the PickObserver that teaches the index: each decision records the request's blocks for
+    the chosen endpoint. A load guard keeps a hot prefix from piling onto one replica: an affine
+    endpoint whose load (waiting + in flight) exceeds the least-loaded candidate's by more than
+    `max_load_gap + relative_load_gap * least` scores 0 for this request, so load decides.
+    """
+
+    name: ClassVar[str] = "prefix-cache"
+    category: ClassVar[ScorerCategory] = ScorerCategory.AFFINITY
+    pool: EndpointPool
+    clock: Callable[[], float] = time.monotonic
+    block_size_tokens: int = 16
+    max_prefix_blocks: int = 256
+    default_gpu_blocks: int = 31250  # KV capacity assumed until an endpoint reports its own
+    auto_tune: bool = True  # follow the block size most endpoints report
+    max_load_gap: float = 8.0  # math.inf (YAML .inf) disables the load guard
+    relative_load_gap: float = 0.25
+    index: PrefixIndex = field(init=False, default_factory=PrefixIndex)
+    _next_tune: float = field(init=False, default=-math.inf)
+
+    def __post_init__(self) -> None:
+        for param in ("block_size_tokens", "max_prefix_blocks", "default_gpu_blocks"):
+            if getattr(self, param) < 1:
+                raise ValueError(f"{param} must be at least 1")
+        if self.max_load_gap < 0 or self.relative_load_gap < 0:
+            raise ValueError("max_load_gap and relative_load_gap must not be negative")
+        self.pool.on_removed(self.index.drop_endpoint)
+
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+        if self.auto_tune:
+            self._retune()
+        state = self._cycle(request)
+        matched = state.matched = self.index.match(state.hashes, candidates)
+        if not matched:
+            return [0.0] * len(candidates)
+        total = len(state.hashes)
+        scores = [matched.get(ep, 0) / total for ep in candidates]
+        if self.max_load_gap == math.inf:
+            return scores
+        loads = [ep.waiting + ep.inflight_requests for ep in candidates]
+        least = min(loads)
+        limit = least + self.max_load_gap + self.relative_load_gap * least
+        return [s if load <= limit else 0.0 for s, load in zip(scores, loads, strict=True)]
+
+    def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None:
+        state = self._cycle(request)
+        if state.hashes:
+            PREFIX_MATCH_RATIO.observe(state.matched.get(endpoint, 0) / len(state.hashes))
+            self.index.record(endpoint, state.hashes, self._capacity(endpoint))
+
+    def _cycle(self, request: InferenceRequest) -> _PrefixCycle:
+        """The request's block hashes, computed once per request and block size."""
+        state = request.cycle.get(_CYCLE_KEY)
+        if state is None or state.block_size_tokens != self.block_size_tokens:
+            hashes = block_hashes(
+                request.prompt,
+                request.model,
+                self.block_size_tokens * CHARS_PER_TOKEN,
+                self.max_prefix_blocks,
+            )
+            state = request.cycle[_CYCLE_KEY] = _PrefixCycle(self.block_size_tokens, hashes)
+        return state
+
+    def _capacity(self, endpoint: Endpoint) -> int:
+        """The endpoint's KV capacity in our blocks (its blocks x its block size / ours)."""
+        m = endpoint.metrics
+        blocks = (m.num_gpu_blocks if m else None) or self.default_gpu_blocks
+        engine_block = (m.block_size if m else None) or self.block_size_tokens
+        return max(1, blocks * engine_block // self.block_size_tokens)
+
+    def _retune(self) -> None:
+        """Adopt the block size most endpoints report; old hashes no longer match, so clear."""
+        now = self.clock()
+        if now < self._next_tune:
+            return
+        self._next_tune = now + _RETUNE_INTERVAL
+        sizes = Counter(m.block_size for ep in self.pool.endpoints if (m := ep.metrics) and m.block_size)
+        if sizes:
+            size = sizes.most_common(1)[0][0]
+            if size != self.block_size_tokens:
+                self.block_size_tokens = size
+                self.index.clear()
