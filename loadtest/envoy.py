@@ -202,12 +202,12 @@ class Envoy:
                 process = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
                 )
-            stack.push_async_callback(_stop, process)
+            stack.push_async_callback(stop_process, process)
             admin = await stack.enter_async_context(httpx.AsyncClient(timeout=5.0))
 
             async def ready() -> tuple[str, int] | None:
                 if process.returncode is not None:
-                    raise RuntimeError(f"envoy exited with {process.returncode}:\n{_tail(log_path)}")
+                    raise RuntimeError(f"envoy exited with {process.returncode}:\n{log_tail(log_path)}")
                 address = address_path.read_text().strip() if address_path.exists() else ""
                 if not address:
                     return None
@@ -227,12 +227,12 @@ class Envoy:
             yield cls(process, port, admin_url, log_path, admin)
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    """SIGTERM (Envoy exits at once), SIGKILL if it does not."""
+async def stop_process(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited after `grace` seconds."""
     if process.returncode is None:
         process.terminate()
         try:
-            await asyncio.wait_for(process.wait(), timeout=10)
+            await asyncio.wait_for(process.wait(), timeout=grace)
         except TimeoutError:
             process.kill()
             await process.wait()
@@ -260,7 +260,8 @@ def _socket_address(address: str) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": int(port)}}
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The end of a process log, for error messages."""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
