@@ -1,0 +1,322 @@
+"""The engine of one simulated replica: vLLM V1's scheduler driven by a calibrated step clock.
+
+Each step schedules work exactly as vLLM V1 does (running requests first, then waiting ones,
+within `max_num_batched_tokens` and `max_num_seqs`, chunked prefill, recompute preemption of the
+newest running request when KV blocks run out, at most `max_loras` adapters in a batch), then
+lasts as long as the profile's step-time model says. Scheduling (`schedule`) and the step's
+outcome (`complete`) are separate so tests can drive the engine without a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from loadtest.sim.kvcache import Block, KVCache
+from loadtest.sim.profiles import Profile
+from loadtest.sim.tokens import OutputText, TokenSequence
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass(slots=True, eq=False)
+class SimRequest:
+    """One generation request and everything the engine and the API layer track about it."""
+
+    request_id: str
+    tokens: TokenSequence
+    max_tokens: int
+    arrival: float
+    output: OutputText
+    lora: str | None = None
+    stop_at_max: bool = False  # finish as if the model emitted EOS ("stop") instead of "length"
+    num_prompt_tokens: int = 0
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose KV is in `blocks`
+    blocks: list[Block] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks already published to the prefix cache
+    cached_tokens: int | None = None  # prefix-cache hit of the first admission
+    generated: list[str] = field(default_factory=list)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: str | None = None
+    progress: asyncio.Event = field(default_factory=asyncio.Event)  # new tokens, or the end
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = self.tokens.num_tokens
+
+    @property
+    def done(self) -> bool:
+        return self.status in (Status.FINISHED, Status.ABORTED)
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What one engine step computes: (request, tokens) pairs and how long the step takes."""
+
+    scheduled: list[tuple[SimRequest, int]]
+    prefill_tokens: int
+    decode_seqs: int
+    duration: float
+
+
+@dataclass(slots=True)
+class EngineCounters:
+    """The monotonic counters vLLM exports (prompt / generation tokens, cache queries, ...)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    prefix_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of which found cached
+    finished: Counter[str] = field(default_factory=Counter)  # by finish reason
+
+
+class EngineObserver(Protocol):
+    """Receives per-token and per-request timings (the replica's latency histograms)."""
+
+    def on_token(self, request: SimRequest, gap: float | None) -> None:
+        """A token was generated; `gap` is the time since the previous one (None for the first)."""
+        ...
+
+    def on_finished(self, request: SimRequest) -> None: ...
+
+
+class Engine:
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        time_scale: float = 1.0,
+        prefix_caching: bool = True,
+        max_loras: int = 1,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.profile = profile
+        self.time_scale = time_scale
+        self.max_loras = max_loras
+        self.observer = observer
+        self.kv = KVCache(profile.num_gpu_blocks, profile.block_size, prefix_caching)
+        self.waiting: deque[SimRequest] = deque()
+        self.running: list[SimRequest] = []
+        self.counters = EngineCounters()
+        self._work = asyncio.Event()
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: str,
+        max_tokens: int,
+        now: float,
+        *,
+        lora: str | None = None,
+        seed: int | None = None,
+        stop_at_max: bool = False,
+    ) -> SimRequest:
+        request = SimRequest(
+            request_id,
+            TokenSequence(prompt, self.profile.block_size, salt=lora or ""),
+            max_tokens,
+            now,
+            OutputText(seed),
+            lora=lora,
+            stop_at_max=stop_at_max,
+        )
+        self.waiting.append(request)
+        self._work.set()
+        return request
+
+    def abort(self, request: SimRequest, now: float) -> None:
+        """The client went away: free the request's blocks and forget it."""
+        if request.done:
+            return
+        if request.status is Status.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._release(request, Status.ABORTED, "abort", now)
+
+    @property
+    def running_loras(self) -> set[str]:
+        return {r.lora for r in self.running if r.lora}
+
+    @property
+    def waiting_loras(self) -> set[str]:
+        return {r.lora for r in self.waiting if r.lora}
+
+    def schedule(self, now: float) -> StepPlan | None:
+        """Choose the step starting at `now`; None when there is no work."""
+        if not self.running and not self.waiting:
+            return None
+        budget = self.profile.max_num_batched_tokens
+        scheduled: list[tuple[SimRequest, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            count = min(request.tokens.num_tokens - request.num_computed, budget)
+            if self._grow(request, request.num_computed + count):
+                scheduled.append((request, count))
+                budget -= count
+                i += 1
+                continue
+            preempted = True
+            while True:
+                victim = self.running.pop()
+                self._preempt(victim)
+                if victim is request or self._grow(request, request.num_computed + count):
+                    break
+            if victim is not request:
+                scheduled.append((request, count))
+                budget -= count
+                i += 1
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled, now)
+        return self._plan(scheduled)
+
+    def _admit_waiting(self, budget: int, scheduled: list[tuple[SimRequest, int]], now: float) -> int:
+        block_size = self.profile.block_size
+        loras = self.running_loras
+        skipped: list[SimRequest] = []
+        while self.waiting and budget > 0 and len(self.running) < self.profile.max_num_seqs:
+            request = self.waiting[0]
+            if request.lora and request.lora not in loras and len(loras) >= self.max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
+            num_tokens = request.tokens.num_tokens
+            # The last token is always recomputed, so a full hit still leaves one block to fill.
+            hits = self.kv.longest_hit(request.tokens.hashes, (num_tokens - 1) // block_size)
+            hit_tokens = len(hits) * block_size
+            count = min(num_tokens - hit_tokens, budget)
+            new_blocks = -(-(hit_tokens + count) // block_size) - len(hits)
+            if not self.kv.can_allocate(new_blocks, hits):
+                break
+            self.waiting.popleft()
+            self.kv.touch(hits)
+            request.blocks = [*hits, *self.kv.allocate(new_blocks)]
+            request.num_computed = hit_tokens
+            request.num_cached_blocks = len(hits)
+            if request.scheduled_at is None:
+                request.scheduled_at = now
+                request.cached_tokens = hit_tokens
+            self.counters.prefix_queries += num_tokens
+            self.counters.prefix_hits += hit_tokens
+            request.status = Status.RUNNING
+            self.running.append(request)
+            if request.lora:
+                loras.add(request.lora)
+            scheduled.append((request, count))
+            budget -= count
+        self.waiting.extendleft(reversed(skipped))
+        return budget
+
+    def _plan(self, scheduled: list[tuple[SimRequest, int]]) -> StepPlan:
+        prefill_tokens = decode_seqs = context_tokens = 0
+        for request, count in scheduled:
+            if request.generated and request.num_computed == request.tokens.num_tokens - 1:
+                decode_seqs += 1
+            else:
+                prefill_tokens += count
+            context_tokens += request.num_computed + count
+        duration = self.profile.cost.seconds(prefill_tokens, decode_seqs, context_tokens)
+        return StepPlan(scheduled, prefill_tokens, decode_seqs, duration * self.time_scale)
+
+    def complete(self, plan: StepPlan, now: float) -> None:
+        """Apply a finished step: advance computed tokens, publish full blocks, sample tokens."""
+        for request, count in plan.scheduled:
+            if request.status is not Status.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed += count
+            self._publish_blocks(request)
+            if request.num_computed == request.tokens.num_tokens:
+                self._sample(request, now)
+
+    def _sample(self, request: SimRequest, now: float) -> None:
+        token = request.output.next_token()
+        request.tokens.append(token)
+        request.generated.append(token)
+        self.counters.generation_tokens += 1
+        gap = None
+        if request.first_token_at is None:
+            request.first_token_at = now
+            self.counters.prompt_tokens += request.num_prompt_tokens
+        else:
+            gap = now - (request.last_token_at or now)
+        request.last_token_at = now
+        if self.observer:
+            self.observer.on_token(request, gap)
+        if len(request.generated) >= request.max_tokens:
+            self.running.remove(request)
+            reason = "stop" if request.stop_at_max else "length"
+            self._release(request, Status.FINISHED, reason, now)
+        else:
+            request.progress.set()
+
+    def _publish_blocks(self, request: SimRequest) -> None:
+        hashes = request.tokens.hashes
+        full = min(request.num_computed // self.profile.block_size, len(hashes))
+        for i in range(request.num_cached_blocks, full):
+            self.kv.cache(request.blocks[i], hashes[i])
+        request.num_cached_blocks = max(request.num_cached_blocks, full)
+
+    def _grow(self, request: SimRequest, total_tokens: int) -> bool:
+        """Give `request` enough blocks for `total_tokens`; False when the pool is short."""
+        needed = -(-total_tokens // self.profile.block_size) - len(request.blocks)
+        if needed <= 0:
+            return True
+        if not self.kv.can_allocate(needed):
+            return False
+        request.blocks.extend(self.kv.allocate(needed))
+        return True
+
+    def _preempt(self, request: SimRequest) -> None:
+        """Recompute preemption: drop the KV (hashes stay cached) and queue the request first."""
+        self.kv.free(request.blocks)
+        request.blocks = []
+        request.num_computed = 0
+        request.num_cached_blocks = 0
+        request.status = Status.WAITING
+        self.waiting.appendleft(request)
+        self.counters.preemptions += 1
+
+    def _release(self, request: SimRequest, status: Status, reason: str, now: float) -> None:
+        self.kv.free(request.blocks)
+        request.blocks = []
+        request.status = status
+        request.finish_reason = reason
+        request.finished_at = now
+        self.counters.finished[reason] += 1
+        if self.observer:
+            self.observer.on_finished(request)
+        request.progress.set()
+        request.ended.set()
+
+    async def run(self) -> None:
+        """Step forever. Steps are paced against deadlines so timer overshoot does not add up,
+        but a loop that fell more than a whole step behind restarts from now rather than
+        bursting through the backlog."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
+        while True:
+            plan = self.schedule(loop.time())
+            if plan is None:
+                self._work.clear()
+                await self._work.wait()
+                deadline = loop.time()
+                continue
+            now = loop.time()
+            start = deadline if now - deadline < plan.duration else now
+            deadline = start + plan.duration
+            await asyncio.sleep(max(0.0, deadline - now))
+            self.complete(plan, loop.time())
