@@ -1,0 +1,226 @@
+"""A simulated vLLM replica over HTTP: the OpenAI API, `/metrics`, `/health` and `/v1/models`.
+
+Streams behave like vLLM's: one SSE event per token while the client keeps up, several tokens
+merged into one event when it lags, and a client that disconnects aborts its request (its KV
+blocks are freed at once), so load and cache state respond to routing as a real server's would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Self
+
+import orjson
+from aiohttp import web
+
+from loadtest.sim.engine import Engine, SimRequest, Status
+from loadtest.sim.metrics import ReplicaMetrics
+from loadtest.sim.openai_api import GenerationParams, ResponseWriter, parse_generation, usage
+from loadtest.sim.profiles import PROFILES, Profile
+from loadtest.sim.tokens import count_tokens
+from picker.errors import openai_error_body
+from picker.request import BadRequest
+
+REPLICA_HEADER = "x-sim-replica"  # names the replica that answered (for tests and demos)
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    profile: Profile = PROFILES["h100-8b"]
+    served_model_name: str | None = None  # defaults to the profile's model
+    lora_adapters: tuple[str, ...] = ()  # extra model names served as LoRA adapters
+    max_loras: int = 1  # adapters that may share one batch
+    time_scale: float = 1.0  # multiplies every step time: 0.1 runs ten times faster
+    prefix_caching: bool = True
+    default_max_tokens: int = 256  # chat requests without max_tokens stop ("EOS") after this
+
+    @property
+    def model(self) -> str:
+        return self.served_model_name or self.profile.model
+
+
+class Replica:
+    """One simulated vLLM server; many can run in one event loop, each on its own port."""
+
+    def __init__(self, config: SimConfig | None = None, name: str | None = None) -> None:
+        self.config = config or SimConfig()
+        self.engine = Engine(
+            self.config.profile,
+            time_scale=self.config.time_scale,
+            prefix_caching=self.config.prefix_caching,
+            max_loras=self.config.max_loras,
+        )
+        self.metrics = ReplicaMetrics(
+            self.engine, self.config.model, lora_enabled=bool(self.config.lora_adapters)
+        )
+        self.engine.observer = self.metrics
+        self.name = name
+        self.address = ""
+        self._runner: web.AppRunner | None = None
+        self._engine_task: asyncio.Task[None] | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on host:port (0 picks a free port) and return the bound `ip:port`."""
+        app = web.Application(client_max_size=_MAX_BODY_BYTES)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.on_response_prepare.append(self._tag_response)
+        # handler_cancellation: a client disconnect cancels its handler, which aborts the request.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        self.address = f"{bound_host}:{bound_port}"
+        self.name = self.name or self.address
+        self._engine_task = asyncio.create_task(self.engine.run(), name=f"engine {self.name}")
+        return self.address
+
+    async def stop(self) -> None:
+        """Close the listener and every open connection, then stop the engine."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._engine_task is not None:
+            self._engine_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._engine_task
+            self._engine_task = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _tag_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[REPLICA_HEADER] = self.name or ""
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        base = self.config.model
+        cards = [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "vllm",
+                "root": name,
+                "parent": None if name == base else base,
+                "max_model_len": self.config.profile.max_model_len,
+            }
+            for name in (base, *self.config.lora_adapters)
+        ]
+        return _json({"object": "list", "data": cards})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            params = parse_generation(await request.read(), chat)
+            model, lora = self._resolve_model(params.model)
+            max_tokens, stop_at_max = self._max_tokens(params)
+        except BadRequest as exc:
+            return _error(exc.status, str(exc))
+        loop = asyncio.get_running_loop()
+        writer = ResponseWriter(model, chat)
+        sim = self.engine.submit(
+            request.headers.get("x-request-id", writer.id),
+            params.prompt,
+            max_tokens,
+            loop.time(),
+            lora=lora,
+            seed=params.seed,
+            stop_at_max=stop_at_max,
+        )
+        try:
+            if params.stream:
+                return await self._stream(request, sim, writer, params.include_usage)
+            await sim.ended.wait()
+            assert sim.finish_reason is not None
+            body = writer.body("".join(sim.generated), sim.finish_reason, _usage(sim))
+            return web.Response(body=body, content_type="application/json")
+        finally:
+            # Reached without an end only when the client left (or the server is stopping).
+            self.engine.abort(sim, loop.time())
+
+    async def _stream(
+        self, request: web.Request, sim: SimRequest, writer: ResponseWriter, include_usage: bool
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        sent = 0
+        while not sim.done:
+            await sim.progress.wait()
+            sim.progress.clear()
+            text = "".join(sim.generated[sent:])
+            finish = sim.finish_reason if sim.status is Status.FINISHED else None
+            events = writer.role_chunk() if sent == 0 and writer.chat else b""
+            sent = len(sim.generated)
+            await response.write(events + writer.chunk(text, finish))
+        if include_usage:
+            await response.write(writer.usage_chunk(_usage(sim)))
+        await response.write(ResponseWriter.DONE)
+        await response.write_eof()
+        return response
+
+    def _resolve_model(self, requested: str) -> tuple[str, str | None]:
+        """The model name to answer with, and the LoRA adapter it selects (None: base model)."""
+        if requested in ("", self.config.model):
+            return self.config.model, None
+        if requested in self.config.lora_adapters:
+            return requested, requested
+        raise BadRequest(f"The model `{requested}` does not exist.", status=404)
+
+    def _max_tokens(self, params: GenerationParams) -> tuple[int, bool]:
+        """Tokens to generate, and whether reaching them counts as EOS (max_tokens not given)."""
+        max_model_len = self.config.profile.max_model_len
+        prompt_tokens = count_tokens(params.prompt)
+        if params.max_tokens is None:
+            room = max_model_len - prompt_tokens
+            if room < 1:
+                raise BadRequest(_too_long(max_model_len, prompt_tokens, 1))
+            return min(self.config.default_max_tokens, room), True
+        if prompt_tokens + params.max_tokens > max_model_len:
+            raise BadRequest(_too_long(max_model_len, prompt_tokens, params.max_tokens))
+        return params.max_tokens, False
+
+
+def _too_long(max_model_len: int, prompt_tokens: int, max_tokens: int) -> str:
+    return (
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
+        "the completion). Please reduce the length of the messages or completion."
+    )
+
+
+def _usage(sim: SimRequest) -> dict[str, Any]:
+    return usage(sim.num_prompt_tokens, len(sim.generated), sim.cached_tokens or 0)
+
+
+def _json(doc: object) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.Response(
+        status=status, body=openai_error_body(status, message), content_type="application/json"
+    )
