@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.envoy import CONFIG_FILES, ENVOY_DIR, PICKER_CLUSTER, envoy_binary, render
+from loadtest.envoy import CONFIG_FILES, ENVOY_DIR, PICKER_CLUSTER, Envoy, envoy_binary, render
 from picker.tls import server_credentials
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ pytestmark = pytest.mark.timeout(60)
 DESTINATION = "x-gateway-destination-endpoint"
 EXT_PROC = "http.inference.ext_proc."
 StartReplicas = Callable[..., Awaitable[list["FakeVLLM"]]]
+StartEnvoy = Callable[..., Awaitable[Envoy]]
+StartStub = Callable[..., Awaitable[tuple["StubPicker", str]]]
 
 
 @dataclass
@@ -65,7 +67,7 @@ class StubPicker(pb_grpc.ExternalProcessorServicer):
 
 
 @pytest.fixture
-async def stub_picker() -> AsyncIterator[Callable[..., Awaitable[tuple[StubPicker, str]]]]:
+async def stub_picker() -> AsyncIterator[StartStub]:
     """Factory: `await stub_picker(target, tls=...)` -> (stub, its "127.0.0.1:port")."""
     servers: list[grpc.aio.Server] = []
 
@@ -141,7 +143,7 @@ async def test_fake_vllm_metrics_page_is_settable(fake_vllm: StartReplicas) -> N
     assert replica.requests == []  # scrapes are not recorded as inference traffic
 
 
-async def test_rr_config_spreads_requests(fake_vllm: StartReplicas, envoy) -> None:
+async def test_rr_config_spreads_requests(fake_vllm: StartReplicas, envoy: StartEnvoy) -> None:
     replicas = await fake_vllm(3)
     proxy = await envoy("rr", endpoints=[r.address for r in replicas])
     async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
@@ -153,7 +155,7 @@ async def test_rr_config_spreads_requests(fake_vllm: StartReplicas, envoy) -> No
 
 
 async def test_picker_down_fails_open_and_ignores_client_destination(
-    fake_vllm: StartReplicas, envoy, refused_address: str
+    fake_vllm: StartReplicas, envoy: StartEnvoy, refused_address: str
 ) -> None:
     replicas = await fake_vllm(2)
     proxy = await envoy("picker", endpoints=[r.address for r in replicas], picker=[refused_address])
@@ -172,7 +174,7 @@ async def test_picker_down_fails_open_and_ignores_client_destination(
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
 async def test_picker_answer_routes_to_its_pick_and_client_header_never_reaches_it(
-    fake_vllm: StartReplicas, envoy, stub_picker, tls: bool
+    fake_vllm: StartReplicas, envoy: StartEnvoy, stub_picker: StartStub, tls: bool
 ) -> None:
     replicas = await fake_vllm(2)
     target = replicas[1]
@@ -194,7 +196,7 @@ async def test_picker_answer_routes_to_its_pick_and_client_header_never_reaches_
 
 
 async def test_picker_config_buffers_prompts_up_to_8_mib(
-    fake_vllm: StartReplicas, envoy, stub_picker
+    fake_vllm: StartReplicas, envoy: StartEnvoy, stub_picker: StartStub
 ) -> None:
     (replica,) = await fake_vllm(1)
     stub, address = await stub_picker(replica.address)
@@ -210,7 +212,7 @@ async def test_picker_config_buffers_prompts_up_to_8_mib(
 
 
 async def test_duplex_config_fails_closed_when_picker_down(
-    fake_vllm: StartReplicas, envoy, refused_address: str
+    fake_vllm: StartReplicas, envoy: StartEnvoy, refused_address: str
 ) -> None:
     (replica,) = await fake_vllm(1)
     proxy = await envoy("duplex", endpoints=[replica.address], picker=[refused_address])
@@ -222,7 +224,7 @@ async def test_duplex_config_fails_closed_when_picker_down(
 
 @pytest.mark.parametrize("config", ["rr", "picker"])
 async def test_long_sse_stream_passes_intact(
-    fake_vllm: StartReplicas, envoy, stub_picker, config: str
+    fake_vllm: StartReplicas, envoy: StartEnvoy, stub_picker: StartStub, config: str
 ) -> None:
     (replica,) = await fake_vllm(1)
     _, address = await stub_picker(replica.address)
