@@ -1,0 +1,218 @@
+"""Keep every endpoint's `EngineMetrics` fresh by scraping its Prometheus page.
+
+Each tick starts one scrape per endpoint whose previous scrape has finished; an endpoint that is
+still answering (slow, hanging until the timeout) is skipped for that tick. So a slow endpoint
+only delays itself, never the others, and never piles up concurrent requests against itself.
+That also bounds the shared client's connections to one per endpoint, which is how its limits
+follow the pool's size without being rebuilt when the pool changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+
+import httpx
+
+from picker.config import MetricsConfig
+from picker.datalayer.endpoint import Endpoint
+from picker.datalayer.metrics import MAX_PAGE_BYTES, MetricsError, parse_metrics
+from picker.datalayer.pool import EndpointPool
+from picker.telemetry import ENDPOINT_ROUTABLE, SCRAPE_AGE, SCRAPE_ERRORS, forget_endpoint
+
+log = logging.getLogger(__name__)
+
+ERROR_KINDS = ("connect", "timeout", "status", "parse")  # SCRAPE_ERRORS `kind` label values
+# Identity: compressing a page the picker decompresses again only costs CPU on both sides.
+_HEADERS = {"accept": "text/plain", "accept-encoding": "identity"}
+
+
+class _StatusError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+
+
+class Scraper:
+    """Scrapes all pool endpoints every `config.scrape_interval` and records the outcome on them.
+
+    Success: new metrics, `scraped_at` = now, `consecutive_failures` = 0. Failure (connect error,
+    timeout, non-200, unusable page): the last metrics stay for inspection, but the failure count
+    makes `Endpoint.is_fresh` false, so the endpoint is not routed to until a scrape succeeds.
+    """
+
+    def __init__(
+        self,
+        pool: EndpointPool,
+        config: MetricsConfig,
+        client: httpx.AsyncClient | None = None,
+        *,
+        max_page_bytes: int = MAX_PAGE_BYTES,
+    ) -> None:
+        self._pool = pool
+        self._config = config
+        self._max_page_bytes = max_page_bytes
+        self._own_client = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=config.timeout,
+            # One request at most per endpoint at a time (see module doc): no cap needed, and a
+            # cap below the pool size would make endpoints wait on each other's connections.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+            trust_env=False,  # pod addresses must never go through an HTTP(S)_PROXY from the env
+        )
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._gauged: dict[str, Endpoint] = {}  # endpoints whose gauge series are bound
+        self._first_round: set[asyncio.Task[None]] | None = None
+        self._callbacks: list[Callable[[Endpoint], None]] = []
+        self.first_round = asyncio.Event()  # every endpoint of a non-empty synced pool was tried
+        pool.on_removed(self._on_removed)
+
+    def on_scraped(self, callback: Callable[[Endpoint], None]) -> None:
+        """Call `callback(endpoint)` after each successful scrape (e.g. to follow block_size)."""
+        self._callbacks.append(callback)
+
+    async def run(self) -> None:
+        """Scrape until cancelled, on a fixed tick that a slow round does not push back."""
+        loop = asyncio.get_running_loop()
+        interval = self._config.scrape_interval
+        next_tick = loop.time()
+        try:
+            while True:
+                self._launch()
+                next_tick += interval
+                delay = next_tick - loop.time()
+                if delay < 0:  # the loop was blocked for longer than a tick: do not catch up
+                    next_tick, delay = loop.time(), 0.0
+                await asyncio.sleep(delay)
+        finally:
+            tasks = list(self._inflight.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.aclose()
+
+    async def scrape_once(self) -> None:
+        """Scrape every endpoint once (joining scrapes already under way) and wait for all."""
+        tasks = self._launch()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this scraper created it (`run` does so when it ends)."""
+        if self._own_client:
+            await self._client.aclose()
+
+    def _launch(self) -> list[asyncio.Task[None]]:
+        """Start a scrape for each endpoint without one under way; all current scrape tasks."""
+        tasks = []
+        for endpoint in self._pool.endpoints:
+            task = self._inflight.get(endpoint.address)
+            if task is None:
+                self._bind_gauges(endpoint)
+                task = asyncio.create_task(self._scrape(endpoint), name=f"scrape {endpoint.address}")
+                self._inflight[endpoint.address] = task
+                task.add_done_callback(partial(self._scrape_done, endpoint.address))
+            tasks.append(task)
+        if tasks and self._first_round is None and self._pool.synced.is_set():
+            self._first_round = set(tasks)
+        return tasks
+
+    def _bind_gauges(self, endpoint: Endpoint) -> None:
+        """Age and routability are read from the endpoint when Prometheus collects: always
+        current, even while a scrape hangs, and no per-tick cost."""
+        if self._gauged.get(endpoint.address) is endpoint:
+            return
+        self._gauged[endpoint.address] = endpoint
+        stale_after = self._config.stale_after
+        SCRAPE_AGE.labels(endpoint.address).set_function(
+            lambda: math.inf if endpoint.metrics is None else time.monotonic() - endpoint.scraped_at
+        )
+        ENDPOINT_ROUTABLE.labels(endpoint.address).set_function(
+            lambda: float(endpoint.is_fresh(time.monotonic(), stale_after))
+        )
+
+    def _scrape_done(self, address: str, task: asyncio.Task[None]) -> None:
+        if self._inflight.get(address) is task:
+            del self._inflight[address]
+        if self._first_round is not None and not self.first_round.is_set():
+            self._first_round.discard(task)
+            if not self._first_round:
+                self.first_round.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("scrape of %s failed unexpectedly", address, exc_info=exc)
+
+    async def _scrape(self, endpoint: Endpoint) -> None:
+        try:
+            async with asyncio.timeout(self._config.timeout):  # whole exchange, not per read
+                page = await self._fetch(endpoint.address)
+            metrics = parse_metrics(page, self._max_page_bytes)
+        except Exception as exc:
+            kind = _failure_kind(exc)
+            if kind is None:
+                raise
+            self._failed(endpoint, kind, exc)
+            return
+        if endpoint.consecutive_failures:
+            log.info(
+                "metrics of %s recovered after %d failed scrapes",
+                endpoint.address,
+                endpoint.consecutive_failures,
+            )
+        endpoint.metrics = metrics
+        endpoint.scraped_at = time.monotonic()
+        endpoint.consecutive_failures = 0
+        for callback in self._callbacks:
+            callback(endpoint)
+
+    async def _fetch(self, address: str) -> bytes:
+        url = f"http://{address}{self._config.path}"
+        async with self._client.stream("GET", url, headers=_HEADERS) as response:
+            if response.status_code != 200:
+                raise _StatusError(response.status_code)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > self._max_page_bytes:  # stop reading; do not buffer an endless body
+                    raise MetricsError(f"metrics page exceeds {self._max_page_bytes} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    def _failed(self, endpoint: Endpoint, kind: str, exc: Exception) -> None:
+        endpoint.consecutive_failures += 1
+        SCRAPE_ERRORS.labels(endpoint.address, kind).inc()
+        if endpoint.consecutive_failures == 1:  # log the start of a failure streak, not each tick
+            log.warning(
+                "scrape of %s failed (%s): %s; not routable until it succeeds",
+                endpoint.address,
+                kind,
+                str(exc) or type(exc).__name__,
+            )
+
+    def _on_removed(self, endpoint: Endpoint) -> None:
+        address = endpoint.address
+        task = self._inflight.pop(address, None)
+        if task is not None:
+            task.cancel()
+        self._gauged.pop(address, None)
+        forget_endpoint(address)
+        for kind in ERROR_KINDS:  # telemetry.forget_endpoint leaves two-label families alone
+            with contextlib.suppress(KeyError):
+                SCRAPE_ERRORS.remove(address, kind)
+
+
+def _failure_kind(exc: Exception) -> str | None:
+    """The SCRAPE_ERRORS kind of an expected scrape failure; None for a bug."""
+    if isinstance(exc, MetricsError | httpx.DecodingError):
+        return "parse"
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, _StatusError):
+        return "status"
+    if isinstance(exc, httpx.HTTPError | httpx.InvalidURL | OSError):
+        return "connect"
+    return None

@@ -1,0 +1,290 @@
+"""Scraper against in-process HTTP replicas on 127.0.0.1 that can fail on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from picker.config import MetricsConfig
+from picker.datalayer.endpoint import Endpoint
+from picker.datalayer.pool import EndpointPool
+from picker.datalayer.scraper import Scraper
+from picker.telemetry import REGISTRY
+
+pytestmark = pytest.mark.timeout(20)
+
+CONFIG = MetricsConfig(scrape_interval=0.02, stale_after=2.0, timeout=1.0)
+
+
+def metrics_page(waiting: int, kv: float) -> bytes:
+    return (
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0",model_name="m"} 2.0\n'
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {waiting}.0\n'
+        "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        f'vllm:kv_cache_usage_perc{{engine="0",model_name="m"}} {kv}\n'
+        "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n"
+        "# TYPE vllm:cache_config_info gauge\n"
+        'vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="1000"} 1.0\n'
+    ).encode()
+
+
+class Replica:
+    """A `/metrics` server on a free port; `mode` picks its next answers."""
+
+    def __init__(self, page: bytes) -> None:
+        self.page = page
+        self.mode = "ok"  # ok | 500 | garbage | hang | huge
+        self.hits = 0
+        self.release = asyncio.Event()  # ends every hanging answer
+        self._hit = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.address = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{sock.getsockname()[1]}"
+        await web.SockSite(self._runner, sock).start()
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def wait_hits(self, count: int) -> None:
+        async with self._hit:
+            await self._hit.wait_for(lambda: self.hits >= count)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        async with self._hit:
+            self._hit.notify_all()
+        if self.mode == "hang":
+            await self.release.wait()
+        if self.mode == "500":
+            return web.Response(status=500, text="engine dead")
+        if self.mode == "garbage":
+            return web.Response(text="<html><body>Welcome to nginx!</body></html>")
+        if self.mode == "huge":
+            return web.Response(body=self.page + b"# padding\n" * 10_000)
+        return web.Response(body=self.page, content_type="text/plain")
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[Callable[[int], Awaitable[list[Replica]]]]:
+    started: list[Replica] = []
+
+    async def start(count: int) -> list[Replica]:
+        new = [Replica(metrics_page(waiting=i + 1, kv=0.1 * (i + 1))) for i in range(count)]
+        for replica in new:
+            await replica.start()
+        started.extend(new)
+        return new
+
+    yield start
+    for replica in started:
+        await replica.stop()
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[EndpointPool]:
+    pool = EndpointPool()
+    yield pool
+    pool.set_addresses([])  # drops the test's gauge series
+
+
+@pytest.fixture
+async def scraper(pool: EndpointPool) -> AsyncIterator[Scraper]:
+    scraper = Scraper(pool, CONFIG, max_page_bytes=64 * 1024)
+    yield scraper
+    await scraper.aclose()
+
+
+def routable(address: str) -> float | None:
+    return REGISTRY.get_sample_value("picker_endpoint_routable", {"endpoint": address})
+
+
+def age(address: str) -> float | None:
+    return REGISTRY.get_sample_value("picker_endpoint_metrics_age_seconds", {"endpoint": address})
+
+
+def errors(address: str, kind: str) -> float | None:
+    return REGISTRY.get_sample_value("picker_scrape_errors_total", {"endpoint": address, "kind": kind})
+
+
+def fresh(endpoint: Endpoint) -> bool:
+    return endpoint.is_fresh(time.monotonic(), CONFIG.stale_after)
+
+
+def closed_port_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"  # nothing listens once it is closed
+
+
+async def test_success_records_metrics_and_gauges(
+    replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool, scraper: Scraper
+) -> None:
+    a, b = await replicas(2)
+    pool.set_addresses([a.address, b.address])
+    seen: list[str] = []
+    scraper.on_scraped(lambda endpoint: seen.append(endpoint.address))
+    before = time.monotonic()
+
+    await scraper.scrape_once()
+
+    ep_a, ep_b = pool.get(a.address), pool.get(b.address)
+    assert ep_a is not None and ep_b is not None and ep_a.metrics and ep_b.metrics
+    assert (ep_a.metrics.waiting, ep_a.metrics.running, ep_a.metrics.block_size) == (1, 2, 32)
+    assert ep_b.metrics.waiting == 2 and ep_b.metrics.kv_usage == pytest.approx(0.2)
+    assert ep_a.scraped_at >= before and fresh(ep_a) and fresh(ep_b)
+    assert sorted(seen) == sorted([a.address, b.address])
+    assert routable(a.address) == 1.0
+    assert 0.0 <= (age(a.address) or -1) < CONFIG.stale_after
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("500", "status"), ("garbage", "parse"), ("huge", "parse")])
+async def test_failure_marks_only_that_endpoint_unfresh_until_it_recovers(
+    replicas: Callable[[int], Awaitable[list[Replica]]],
+    pool: EndpointPool,
+    scraper: Scraper,
+    mode: str,
+    kind: str,
+) -> None:
+    bad, good = await replicas(2)
+    pool.set_addresses([bad.address, good.address])
+    await scraper.scrape_once()
+    ep_bad, ep_good = pool.get(bad.address), pool.get(good.address)
+    assert ep_bad is not None and ep_good is not None
+    kept, good_at = ep_bad.metrics, ep_good.scraped_at
+    seen: list[str] = []
+    scraper.on_scraped(lambda endpoint: seen.append(endpoint.address))
+
+    bad.mode = mode
+    await scraper.scrape_once()
+    assert ep_bad.consecutive_failures == 1 and not fresh(ep_bad)
+    assert ep_bad.metrics is kept  # last good numbers stay, but no longer count
+    assert errors(bad.address, kind) == 1.0 and routable(bad.address) == 0.0
+    assert fresh(ep_good) and ep_good.scraped_at > good_at and errors(good.address, kind) is None
+    assert seen == [good.address]
+
+    await scraper.scrape_once()
+    assert ep_bad.consecutive_failures == 2 and errors(bad.address, kind) == 2.0
+
+    bad.mode = "ok"
+    await scraper.scrape_once()
+    assert fresh(ep_bad) and ep_bad.consecutive_failures == 0 and routable(bad.address) == 1.0
+
+
+async def test_timeout_and_refused_connection_are_failures(
+    replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool
+) -> None:
+    (hung,) = await replicas(1)
+    hung.mode = "hang"
+    refused = closed_port_address()
+    pool.set_addresses([hung.address, refused])
+    scraper = Scraper(pool, MetricsConfig(timeout=0.2))
+    try:
+        await scraper.scrape_once()
+    finally:
+        await scraper.aclose()
+    for address, kind in ((hung.address, "timeout"), (refused, "connect")):
+        endpoint = pool.get(address)
+        assert endpoint is not None and endpoint.consecutive_failures == 1
+        assert errors(address, kind) == 1.0
+        assert age(address) == math.inf  # never scraped successfully
+
+
+async def test_hanging_endpoint_does_not_starve_the_others(
+    replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool
+) -> None:
+    hung, *healthy = await replicas(3)
+    hung.mode = "hang"
+    pool.set_addresses([hung.address] + [r.address for r in healthy])
+    # The hanging scrape outlives the test; a round-based scraper would never start round 2.
+    scraper = Scraper(pool, MetricsConfig(scrape_interval=0.02, timeout=60.0))
+    rounds: Counter[str] = Counter()
+    enough = asyncio.Event()
+
+    def count(endpoint: Endpoint) -> None:
+        rounds[endpoint.address] += 1
+        if all(rounds[r.address] >= 10 for r in healthy):
+            enough.set()
+
+    scraper.on_scraped(count)
+    task = asyncio.create_task(scraper.run())
+    try:
+        async with asyncio.timeout(5):  # 10 intervals are 0.2 s; generous for a busy machine
+            await enough.wait()
+        assert hung.hits == 1  # no pile-up: the stuck scrape is not restarted every tick
+        stuck = pool.get(hung.address)
+        assert stuck is not None and stuck.metrics is None and not fresh(stuck)
+        assert all(fresh(endpoint) for endpoint in pool.endpoints if endpoint is not stuck)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("scrape ")]
+
+
+async def test_first_round_waits_for_a_synced_pool_and_every_endpoint(
+    replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool, scraper: Scraper
+) -> None:
+    ok, down = await replicas(2)
+    down.mode = "500"
+    await scraper.scrape_once()  # discovery has not spoken yet
+    pool.set_addresses([])
+    await scraper.scrape_once()  # synced, but nothing to route to
+    assert not scraper.first_round.is_set()
+
+    task = asyncio.create_task(scraper.run())
+    try:
+        pool.set_addresses([ok.address, down.address])
+        async with asyncio.timeout(5):
+            await scraper.first_round.wait()
+        ep_ok, ep_down = pool.get(ok.address), pool.get(down.address)
+        assert ep_ok is not None and ep_ok.metrics is not None
+        assert ep_down is not None and ep_down.consecutive_failures >= 1
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_removed_endpoint_loses_its_series_and_its_scrape(
+    replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool, scraper: Scraper
+) -> None:
+    kept, failing, hung = await replicas(3)
+    failing.mode = "500"
+    pool.set_addresses([kept.address, failing.address])
+    await scraper.scrape_once()
+    assert routable(failing.address) == 0.0 and errors(failing.address, "status") == 1.0
+
+    pool.set_addresses([kept.address, hung.address])
+    assert routable(failing.address) is None and age(failing.address) is None
+    assert errors(failing.address, "status") is None
+    assert routable(kept.address) == 1.0
+
+    hung.mode = "hang"
+    scraping = asyncio.create_task(scraper.scrape_once())
+    await hung.wait_hits(1)
+    pool.set_addresses([kept.address])
+    async with asyncio.timeout(2):  # the hanging scrape is cancelled, not left to time out
+        await scraping
+    assert routable(hung.address) is None and errors(hung.address, "timeout") is None
