@@ -1,0 +1,5 @@
+"""`python -m loadtest run ...` / `python -m loadtest demo`: see loadtest.cli."""
+
+from loadtest.cli import main
+
+main()

@@ -1,0 +1,210 @@
+"""`python -m loadtest run|demo`: compare routing modes on simulated replicas, print and write a report.
+
+    python -m loadtest run --workload shared-prefix --modes direct,envoy-rr,picker \\
+        --concurrency 8,32,128 [--requests N | --duration S] [--replicas 4] [--profiles a,b] \\
+        [--speed X] [--set name=value ...] --out DIR
+    python -m loadtest demo      # the README's first command
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from loadtest import report
+from loadtest.runner import RunPlan, run_plan
+from loadtest.stack import MODES, PoolSpec
+from loadtest.stats import E2E_P99, HIT_RATE, OUTPUT_TPS, TOTAL_TPS, TPOT_P50, TTFT_P90, ModeResult, ratio
+from loadtest.workloads import MultiTurn, SharedPrefix, Uniform, Workload, with_params
+
+WORKLOADS = ("uniform", "shared-prefix", "multi-turn", "heterogeneous")
+DEFAULT_PROFILES = {"heterogeneous": ("h100-8b", "l40s-8b")}  # fast and slow, alternating
+TABLE = (  # short terminal headers for the key metrics
+    ("out tok/s", OUTPUT_TPS),
+    ("total tok/s", TOTAL_TPS),
+    ("TTFT p90\nms", TTFT_P90),
+    ("TPOT p50\nms", TPOT_P50),
+    ("E2E p99\nms", E2E_P99),
+    ("prefix\nhits", HIT_RATE),
+)
+
+# The demo: shared-prefix on 4 replicas whose KV cache is cut to 2,048 blocks (32k tokens, a small
+# GPU's worth) so that a few hundred requests cycle every prefix several times; the simulated
+# clock runs 2x faster. Three modes of ~40 s each plus start-up: a few minutes on 2 cores.
+DEMO_POOL = PoolSpec(replicas=4, speed=2.0, num_gpu_blocks=2048)
+DEMO_WORKLOAD = SharedPrefix(prefix_tokens=2000, question_tokens=200, output_tokens=64)
+DEMO_CONCURRENCY = 32
+DEMO_REQUESTS = 640
+
+
+def build_workload(name: str, pool: PoolSpec, overrides: dict[str, str]) -> Workload:
+    """The named workload with `--set` overrides; shared-prefix groups sized to the pool's KV cache."""
+    if name == "shared-prefix":
+        workload = with_params(SharedPrefix(), overrides)
+        assert isinstance(workload, SharedPrefix)
+        return workload if "groups" in overrides else workload.sized_for(pool.kv_tokens, pool.replicas)
+    if name == "multi-turn":
+        return with_params(MultiTurn(), overrides)
+    return with_params(Uniform(), overrides)
+
+
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in _list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _modes(text: str) -> list[str]:
+    modes = _list(text)
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    return modes
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a workload against several routing modes")
+    run.add_argument("--workload", choices=WORKLOADS, required=True)
+    run.add_argument("--modes", type=_modes, default=list(MODES), help="comma-separated (all four)")
+    run.add_argument("--concurrency", type=_ints, default=[32], help="one value, or a sweep: 8,32,128")
+    amount = run.add_mutually_exclusive_group()
+    amount.add_argument("--requests", type=int, help="requests per mode (default 10 x concurrency)")
+    amount.add_argument("--duration", type=float, help="seconds per mode instead of a request count")
+    run.add_argument("--replicas", type=int, default=4)
+    run.add_argument("--profiles", type=_list, help="simulator profiles, cycled over the replicas")
+    run.add_argument("--speed", type=float, default=1.0, help="simulated time runs this much faster")
+    run.add_argument("--num-gpu-blocks", type=int, help="override the profiles' KV capacity (blocks)")
+    run.add_argument("--clients", type=int, help="client processes (default: by concurrency and cores)")
+    run.add_argument(
+        "--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
+        help="workload parameter, e.g. --set output_tokens=256 (see loadtest.workloads)",
+    )  # fmt: skip
+    run.add_argument("--picker-arg", action="append", default=[], help="extra `picker serve` argument")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--request-timeout", type=float, default=600.0)
+    run.add_argument("--out", type=Path, help="output directory (default results/<workload>-<time>)")
+    demo = commands.add_parser("demo", help="direct vs envoy-rr vs picker on a shared-prefix workload")
+    demo.add_argument("--out", type=Path, help="output directory (default results/demo-<time>)")
+    demo.add_argument("--requests", type=int, default=DEMO_REQUESTS, help="requests per mode")
+    return parser
+
+
+def plan_from_args(args: argparse.Namespace) -> RunPlan:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.command == "demo":
+        workload = DEMO_WORKLOAD.sized_for(DEMO_POOL.kv_tokens, DEMO_POOL.replicas)
+        return RunPlan(
+            workload_name="shared-prefix",
+            workload=workload,
+            modes=("direct", "envoy-rr", "picker"),
+            concurrencies=(DEMO_CONCURRENCY,),
+            pool=DEMO_POOL,
+            out=args.out or Path("results") / f"demo-{stamp}",
+            requests=args.requests,
+        )
+    profiles = tuple(args.profiles or DEFAULT_PROFILES.get(args.workload, ("h100-8b",)))
+    pool = PoolSpec(args.replicas, profiles, args.speed, args.num_gpu_blocks)
+    return RunPlan(
+        workload_name=args.workload,
+        workload=build_workload(args.workload, pool, dict(args.set)),
+        modes=tuple(args.modes),
+        concurrencies=tuple(sorted(set(args.concurrency))),
+        pool=pool,
+        out=args.out or Path("results") / f"{args.workload}-{stamp}",
+        requests=args.requests,
+        duration=args.duration,
+        clients=args.clients,
+        seed=args.seed,
+        request_timeout=args.request_timeout,
+        picker_args=tuple(args.picker_arg),
+    )
+
+
+def _command(argv: Sequence[str]) -> str:
+    return shlex.join(["python", "-m", "loadtest", *argv])
+
+
+async def execute(plan: RunPlan, command: str, console: Console) -> report.Results:
+    """Run the plan under a live progress bar; results.json is rewritten after every mode."""
+    results = report.Results(plan.workload_name, {"command": command, **plan.describe()})
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        async for concurrency, mode, result in run_plan(plan, progress):
+            results.add(concurrency, mode, result)
+            await asyncio.to_thread(report.write_json, results, plan.out)
+    return results
+
+
+def print_results(console: Console, results: report.Results) -> None:
+    for concurrency, modes in sorted(results.runs.items()):
+        console.print(_table(concurrency, modes))
+    for concurrency, check in results.checks():
+        mark = "[green]met[/]" if check.met else "[red]missed[/]"
+        console.print(f"c={concurrency}  {check.target}: {report.format_ratio(check.ratio)}  {mark}")
+
+
+def _table(concurrency: int, modes: dict[str, ModeResult]) -> Table:
+    """A compact table (fits 100 columns); report.md has every number."""
+    requests = max(r.requests for r in modes.values())
+    table = Table(title=f"concurrency {concurrency}, {requests} requests per mode", box=box.SIMPLE_HEAD)
+    baseline = modes.get("direct")
+    headers = ["mode", "ok", "err", *(label for label, _ in TABLE)]
+    if baseline is not None:
+        headers += ["out tok/s\nvs direct", "TTFT p90\nvs direct"]
+    for header in headers:
+        table.add_column(header, justify="left" if header == "mode" else "right")
+    for mode, r in modes.items():
+        cells = [mode, str(r.completed), str(r.errors), *(report.format_value(m, m.of(r)) for _, m in TABLE)]
+        if baseline is not None:
+            cells += [report.format_ratio(ratio(m, r, baseline)) for m in (OUTPUT_TPS, TTFT_P90)]
+        table.add_row(*cells)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        plan = plan_from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    console = Console()
+    if not console.is_terminal:  # a log or CI: rich would wrap at 80 columns
+        console = Console(width=120)
+    command = _command(argv)
+    console.print(f"[bold]{command}[/]: {plan.workload_name} {asdict(plan.workload)}, writing to {plan.out}")
+    try:
+        results = asyncio.run(execute(plan, command, console))
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; every process started was stopped") from None
+    path = report.write(results, plan.out)
+    print_results(console, results)
+    console.print(f"Report: [bold]{path}[/] (data: {plan.out / 'results.json'})")

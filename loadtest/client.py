@@ -1,0 +1,299 @@
+"""One load-client process: closed-loop streaming requests, timed the way `vllm bench serve` times them.
+
+The runner starts several of these (`python -m loadtest.client`), because one asyncio process
+parsing SSE saturates a core long before the replicas do. Each reads a `ClientJob` as one JSON
+line on stdin, warms up, prints `{"ready": true}`, waits for a `go` line, runs its share of the
+concurrency, writes a `ClientResult` to `job.result_path` and prints `{"finished": true}`. While
+running it prints `{"done": n, "errors": e}` a few times a second for the progress bar.
+
+Timings per request: TTFT = first content token; ITL = every gap between successive content
+chunks (pooled); TPOT = (E2E - TTFT) / (output tokens - 1); E2E = until `[DONE]`. Output and
+prompt token counts come from the final usage chunk (`stream_options.include_usage`), since a
+server may pack several tokens into one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from loadtest.sim import REPLICA_HEADER
+from loadtest.workloads import Session, assigned_sessions, from_dict, random_text
+
+PROGRESS_INTERVAL = 0.25
+WARMUP_PROMPT_TOKENS = 32
+WARMUP_OUTPUT_TOKENS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ClientJob:
+    index: int
+    shares: list[int]  # concurrency of every client process; this one runs shares[index]
+    targets: list[str]  # base URLs, used round-robin per request (one Envoy, or the replicas)
+    model: str
+    workload: dict[str, Any]  # workloads.to_dict
+    seed: int
+    result_path: str
+    max_requests: int | None = None  # in all clients together
+    duration: float | None = None  # stop starting requests after this many seconds
+    warmup: int = 0  # requests before `ready`, not measured
+    request_timeout: float = 600.0
+
+    @property
+    def concurrency(self) -> int:
+        return self.shares[self.index]
+
+
+@dataclass(slots=True)
+class ClientResult:
+    """Raw measurements of one client over its measured window (monotonic clock, seconds)."""
+
+    started: float = 0.0
+    ended: float = 0.0
+    completed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)  # by kind: http_503, timeout, ...
+    replicas: Counter[str] = field(default_factory=Counter)  # requests per x-sim-replica
+    cpu_seconds: float = 0.0
+
+    @property
+    def finished(self) -> int:
+        return self.completed + sum(self.errors.values())
+
+    def dump(self, path: Path) -> None:
+        # Not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs, counting the pairs.
+        path.write_bytes(orjson.dumps({f.name: getattr(self, f.name) for f in fields(self)}))
+
+    @classmethod
+    def load(cls, path: Path) -> ClientResult:
+        doc = orjson.loads(path.read_bytes())
+        return cls(**doc | {"errors": Counter(doc["errors"]), "replicas": Counter(doc["replicas"])})
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One request as the client saw it."""
+
+    error: str | None = None
+    replica: str | None = None
+    ttft: float | None = None
+    itl: list[float] = field(default_factory=list)
+    e2e: float = 0.0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    text: str = ""
+
+
+def request_body(model: str, session: Session, turn: int, history: list[dict[str, str]]) -> dict[str, Any]:
+    """The OpenAI body of one turn; `history` holds the chat messages already exchanged."""
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": session.max_tokens[turn],
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if session.chat:
+        body["messages"] = [*history, {"role": "user", "content": session.prompts[turn]}]
+    else:
+        body["prompt"] = session.prompts[turn]
+    return body
+
+
+async def stream_request(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Outcome:
+    """POST one streaming request and time its chunks; failures become `Outcome.error` kinds."""
+    outcome = Outcome()
+    chat = "messages" in body
+    pieces: list[str] = []
+    start = time.perf_counter()
+    last = start
+    headers_seen = done = False
+    try:
+        async with http.post(url, data=orjson.dumps(body), headers={"content-type": "application/json"}) as r:
+            headers_seen = True
+            outcome.replica = r.headers.get(REPLICA_HEADER)
+            if r.status != 200:
+                await r.read()
+                outcome.error = f"http_{r.status}"
+                return outcome
+            buffer = b""
+            async for data in r.content.iter_any():
+                now = time.perf_counter()
+                buffer += data
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    payload = event.removeprefix(b"data: ")
+                    if payload == b"[DONE]":
+                        done = True
+                        continue
+                    chunk = orjson.loads(payload)
+                    if usage := chunk.get("usage"):
+                        outcome.prompt_tokens = usage.get("prompt_tokens", 0)
+                        outcome.output_tokens = usage.get("completion_tokens", 0)
+                    if not chunk["choices"]:
+                        continue
+                    choice = chunk["choices"][0]
+                    text = choice.get("delta", {}).get("content") if chat else choice.get("text")
+                    if not text:
+                        continue
+                    pieces.append(text)
+                    if outcome.ttft is None:
+                        outcome.ttft = now - start
+                    else:
+                        outcome.itl.append(now - last)
+                    last = now
+    except TimeoutError:
+        outcome.error = "timeout"
+    except aiohttp.ClientPayloadError:
+        outcome.error = "truncated"
+    except aiohttp.ClientError:
+        outcome.error = "truncated" if headers_seen else "connection"
+    else:
+        if not done or outcome.ttft is None:
+            outcome.error = "truncated"
+    outcome.e2e = time.perf_counter() - start
+    outcome.text = "".join(pieces)
+    outcome.output_tokens = outcome.output_tokens or len(pieces)
+    return outcome
+
+
+class Client:
+    """Runs `job.concurrency` closed-loop workers over this client's share of the sessions."""
+
+    def __init__(self, job: ClientJob, http: aiohttp.ClientSession) -> None:
+        self.job = job
+        self.http = http
+        self.result = ClientResult()
+        self._targets = itertools.islice(itertools.cycle(job.targets), job.index, None)
+        self._paths = {True: "/v1/chat/completions", False: "/v1/completions"}
+        self._deadline = float("inf")
+
+    def _url(self, chat: bool) -> str:
+        return next(self._targets) + self._paths[chat]
+
+    async def warm_up(self) -> None:
+        """Open connections and exercise every hop with short unrelated prompts (not measured)."""
+        rng = random.Random(f"warmup-{self.job.seed}-{self.job.index}")
+        sessions = [
+            Session((random_text(rng, WARMUP_PROMPT_TOKENS),), (WARMUP_OUTPUT_TOKENS,), chat=False)
+            for _ in range(self.job.warmup)
+        ]
+        outcomes = await asyncio.gather(
+            *(stream_request(self.http, self._url(False), request_body(self.job.model, s, 0, []))
+              for s in sessions)
+        )  # fmt: skip
+        failed = Counter(o.error for o in outcomes if o.error)
+        if failed:
+            raise RuntimeError(f"warm-up failed: {dict(failed)}")
+
+    async def run(self) -> ClientResult:
+        job = self.job
+        sessions = assigned_sessions(
+            from_dict(job.workload), job.seed, job.shares, job.index, job.max_requests
+        )
+        cpu = time.process_time()
+        self.result.started = time.monotonic()
+        if job.duration is not None:
+            self._deadline = self.result.started + job.duration
+        await asyncio.gather(*(self._worker(sessions) for _ in range(job.concurrency)))
+        self.result.ended = time.monotonic()
+        self.result.cpu_seconds = time.process_time() - cpu
+        return self.result
+
+    async def _worker(self, sessions: Iterator[Session]) -> None:
+        for session in sessions:  # shared by this process's workers: each takes the next one
+            history = [{"role": "system", "content": session.system}] if session.system else []
+            for turn in range(len(session)):
+                if time.monotonic() >= self._deadline:
+                    return
+                body = request_body(self.job.model, session, turn, history)
+                outcome = await stream_request(self.http, self._url(session.chat), body)
+                self._record(outcome)
+                if outcome.error:
+                    break  # a conversation cannot go on without its answer
+                if session.chat:
+                    history = [*body["messages"], {"role": "assistant", "content": outcome.text}]
+
+    def _record(self, outcome: Outcome) -> None:
+        result = self.result
+        if outcome.replica is not None:
+            result.replicas[outcome.replica] += 1
+        if outcome.error:
+            result.errors[outcome.error] += 1
+            return
+        assert outcome.ttft is not None
+        result.completed += 1
+        result.input_tokens += outcome.prompt_tokens
+        result.output_tokens += outcome.output_tokens
+        result.ttft.append(outcome.ttft)
+        result.e2e.append(outcome.e2e)
+        result.itl += outcome.itl
+        if outcome.output_tokens > 1:
+            result.tpot.append((outcome.e2e - outcome.ttft) / (outcome.output_tokens - 1))
+
+
+def emit(message: dict[str, Any]) -> None:
+    sys.stdout.write(orjson.dumps(message).decode() + "\n")
+    sys.stdout.flush()
+
+
+async def report_progress(result: ClientResult) -> None:
+    while True:
+        await asyncio.sleep(PROGRESS_INTERVAL)
+        emit({"done": result.finished, "errors": sum(result.errors.values())})
+
+
+async def measure(job: ClientJob) -> ClientResult | None:
+    """Warm up, report ready, and run once the runner says go (None if it went away instead)."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+    timeout = aiohttp.ClientTimeout(total=job.request_timeout, sock_connect=10)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        client = Client(job, http)
+        await client.warm_up()
+        emit({"ready": True})
+        if (await asyncio.to_thread(sys.stdin.readline)).strip() != "go":
+            return None
+        progress = asyncio.create_task(report_progress(client.result))
+        try:
+            return await client.run()
+        finally:
+            progress.cancel()
+
+
+def main() -> None:
+    job = ClientJob(**orjson.loads(sys.stdin.readline()))
+    try:
+        import uvloop
+    except ImportError:  # not built for every platform
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            result = runner.run(measure(job))
+    except Exception as exc:
+        emit({"error": f"{type(exc).__name__}: {exc}"})
+        raise SystemExit(1) from exc
+    if result is not None:
+        result.dump(Path(job.result_path))
+        emit({"done": result.finished, "errors": sum(result.errors.values()), "finished": True})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The serving stack of one mode, started from scratch and torn down after it.
+
+Each mode gets freshly started replicas (cold KV caches), so no mode inherits another's cache:
+
+- `direct`: the clients round-robin over the replicas themselves (Kubernetes ClusterIP, no proxy);
+- `envoy-rr`: the real Envoy with its ROUND_ROBIN cluster (`envoy/envoy-rr.yaml`);
+- `picker`: Envoy + picker with `envoy/envoy.yaml` (BUFFERED request, no per-token messages);
+- `picker-duplex`: Envoy + picker with `envoy/envoy-duplex.yaml` (every chunk crosses the picker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loadtest.envoy import Envoy, log_tail, poll_until, stop_process
+from loadtest.sim import REPLICA_HEADER, SimProcess, get_profile
+
+MODES = ("direct", "envoy-rr", "picker", "picker-duplex")
+ENVOY_CONFIGS = {"envoy-rr": "rr", "picker": "picker", "picker-duplex": "duplex"}
+PICKER_MODES = frozenset({"picker", "picker-duplex"})
+READY_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """The simulated replicas: how many, their profiles (cycled over them) and clock speed."""
+
+    replicas: int = 4
+    profiles: tuple[str, ...] = ("h100-8b",)
+    speed: float = 1.0  # simulated time runs this many times faster than real time
+    num_gpu_blocks: int | None = None  # override the profiles' KV capacity
+
+    def __post_init__(self) -> None:
+        for name in self.profiles:
+            get_profile(name)  # KeyError naming the choices
+        if self.replicas < 1 or self.speed <= 0:
+            raise ValueError("need at least one replica and a positive speed")
+
+    @property
+    def replica_profiles(self) -> list[str]:
+        return list(itertools.islice(itertools.cycle(self.profiles), self.replicas))
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV capacity of the smallest replica, in tokens."""
+        profiles = [get_profile(name) for name in self.profiles]
+        return min((self.num_gpu_blocks or p.num_gpu_blocks) * p.block_size for p in profiles)
+
+    def sim_args(self) -> list[str]:
+        args = ["--replicas", str(self.replicas), "--port", "0", "--speed", str(self.speed)]
+        args += ["--profiles", ",".join(self.replica_profiles)]
+        if self.num_gpu_blocks is not None:
+            args += ["--num-gpu-blocks", str(self.num_gpu_blocks)]
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class Stack:
+    mode: str
+    replicas: list[str]  # ip:port of every replica, in pool order
+    names: dict[str, str]  # x-sim-replica header value -> ip:port
+    targets: list[str]  # base URLs the clients send to
+    model: str
+    processes: dict[str, int]  # role -> pid, for CPU accounting
+
+
+def free_port() -> int:
+    """A port free right now (for processes that take a port rather than report one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def start_stack(
+    mode: str, pool: PoolSpec, logs: Path, picker_args: Sequence[str] = ()
+) -> AsyncIterator[Stack]:
+    """Start the replicas, then the picker and Envoy the mode needs; stop them all on exit."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(SimProcess(*pool.sim_args(), ready_timeout=READY_TIMEOUT))
+        assert sim.pid is not None
+        replicas, processes = list(sim.addresses), {"simulator": sim.pid}
+        model, names = await _identify(replicas)
+        targets = [f"http://{address}" for address in replicas]
+        if mode in ENVOY_CONFIGS:
+            pickers = []
+            if mode in PICKER_MODES:
+                pid, address = await stack.enter_async_context(_picker(replicas, logs, picker_args))
+                processes["picker"] = pid
+                pickers.append(address)
+            envoy = await stack.enter_async_context(
+                Envoy.start(ENVOY_CONFIGS[mode], endpoints=replicas, picker=pickers, workdir=logs / "envoy")
+            )
+            processes["envoy"] = envoy.pid
+            targets = [envoy.url]
+        yield Stack(mode, replicas, names, targets, model, processes)
+
+
+async def _identify(replicas: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """The served model, and which address answers under which `x-sim-replica` name."""
+    names: dict[str, str] = {}
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        for address in replicas:
+            response = await http.get(f"http://{address}/v1/models")
+            response.raise_for_status()
+            names[response.headers.get(REPLICA_HEADER, address)] = address
+            model: str = response.json()["data"][0]["id"]
+    return model, names
+
+
+@contextlib.asynccontextmanager
+async def _picker(
+    endpoints: Sequence[str], logs: Path, extra: Sequence[str]
+) -> AsyncIterator[tuple[int, str]]:
+    """`python -m picker serve` in plaintext; yields (pid, ext_proc address) once it is ready."""
+    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+    argv = [
+        *("-m", "picker", "serve", "--secure-serving=false", "--grace-period=1"),
+        *("--bind-address", "127.0.0.1", "--grpc-port", str(grpc_port)),
+        *("--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port)),
+        *("--endpoints", ",".join(endpoints), *extra),
+    ]
+    log_path = logs / "picker.log"
+    with log_path.open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+        )
+    try:
+        await _wait_ready(process, health_port, log_path)
+        yield process.pid, f"127.0.0.1:{grpc_port}"
+    finally:
+        await stop_process(process)
+
+
+async def _wait_ready(process: asyncio.subprocess.Process, health_port: int, log_path: Path) -> None:
+    """Until the gRPC health service says `readiness` SERVING (the picker has scraped the pool)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="readiness")
+
+        async def ready() -> bool | None:
+            if process.returncode is not None:
+                raise RuntimeError(f"picker exited with {process.returncode}:\n{log_tail(log_path)}")
+            try:
+                answer = await health.Check(request, timeout=1.0)
+            except grpc.aio.AioRpcError:
+                return None
+            return True if answer.status == health_pb2.HealthCheckResponse.SERVING else None
+
+        await poll_until(ready, within=READY_TIMEOUT, what="picker readiness")

@@ -1,0 +1,163 @@
+"""What the load clients send: sessions of OpenAI requests, generated deterministically from a seed.
+
+Every client process regenerates the same stream of sessions from (workload, seed) and keeps its
+own share, so nothing large crosses process boundaries and runs are reproducible. Text is random
+hex, which the simulator (and the picker) count as 4 characters per token, so lengths are exact
+and no two random prompts share a block.
+
+- `Uniform`: InferenceMAX-style random prompts on /v1/completions, lengths drawn in
+  [ratio x L, L] (the range ratio of the benchmark_serving.py InferenceMAX runs), ignore-EOS.
+  No prefix is ever shared: routing cannot help, any loss is overhead.
+- `SharedPrefix`: groups of users sharing a long system prompt, each request a fresh question
+  (the shape of llm-d's prefix benchmark), sized with `SharedPrefix.sized_for` so the prefixes
+  together exceed one replica's KV cache but fit in the pool's.
+- `MultiTurn`: chat conversations whose every turn resends the whole history, answers included.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, ClassVar, Protocol
+
+from picker.request import CHARS_PER_TOKEN
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """Requests one simulated user sends one after another (a single turn unless multi-turn).
+
+    Chat sessions resend the history each turn: system prompt, then every earlier question and
+    the answer the server actually gave. `chat=False` sends `prompts[0]` to /v1/completions.
+    """
+
+    prompts: tuple[str, ...]
+    max_tokens: tuple[int, ...]
+    system: str | None = None
+    chat: bool = True
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def truncated(self, turns: int) -> Session:
+        return replace(self, prompts=self.prompts[:turns], max_tokens=self.max_tokens[:turns])
+
+
+class Workload(Protocol):
+    kind: ClassVar[str]
+
+    def sessions(self, rng: random.Random) -> Iterator[Session]:
+        """An endless stream of sessions."""
+        ...
+
+
+def random_text(rng: random.Random, tokens: int) -> str:
+    """`tokens` tokens of random text (hex: `CHARS_PER_TOKEN` characters per token)."""
+    return rng.randbytes(tokens * CHARS_PER_TOKEN // 2).hex()
+
+
+def draw_length(rng: random.Random, length: int, range_ratio: float) -> int:
+    """A length uniform in [range_ratio x length, length], at least 1."""
+    return max(1, rng.randint(math.ceil(length * range_ratio), length))
+
+
+@dataclass(frozen=True, slots=True)
+class Uniform:
+    kind: ClassVar[str] = "uniform"
+    input_tokens: int = 1024
+    output_tokens: int = 512
+    range_ratio: float = 0.8
+
+    def sessions(self, rng: random.Random) -> Iterator[Session]:
+        while True:
+            prompt = random_text(rng, draw_length(rng, self.input_tokens, self.range_ratio))
+            output = draw_length(rng, self.output_tokens, self.range_ratio)
+            yield Session((prompt,), (output,), chat=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPrefix:
+    kind: ClassVar[str] = "shared-prefix"
+    groups: int = 150
+    prefix_tokens: int = 6000
+    question_tokens: int = 1200
+    output_tokens: int = 128
+
+    def sessions(self, rng: random.Random) -> Iterator[Session]:
+        prefixes = [random_text(rng, self.prefix_tokens) for _ in range(self.groups)]
+        while True:
+            system = prefixes[rng.randrange(self.groups)]
+            question = random_text(rng, self.question_tokens)
+            yield Session((question,), (self.output_tokens,), system=system)
+
+    def sized_for(self, kv_tokens: int, replicas: int, fill: float = 0.75) -> SharedPrefix:
+        """Enough groups that all prefixes take `fill` x the pool's KV cache (`kv_tokens` per replica).
+
+        With fill 0.75 and more than one replica, one replica cannot hold every prefix (round-robin
+        keeps evicting them), while a pool that keeps each group on one replica holds them all with
+        room left for the requests' own blocks.
+        """
+        return replace(self, groups=max(1, math.ceil(fill * replicas * kv_tokens / self.prefix_tokens)))
+
+
+@dataclass(frozen=True, slots=True)
+class MultiTurn:
+    kind: ClassVar[str] = "multi-turn"
+    turns: int = 5
+    first_tokens: int = 1000
+    turn_tokens: int = 200
+    output_tokens: int = 200
+
+    def sessions(self, rng: random.Random) -> Iterator[Session]:
+        while True:
+            prompts = (
+                random_text(rng, self.first_tokens),
+                *(random_text(rng, self.turn_tokens) for _ in range(self.turns - 1)),
+            )
+            yield Session(prompts, (self.output_tokens,) * self.turns)
+
+
+KINDS: dict[str, type[Uniform] | type[SharedPrefix] | type[MultiTurn]] = {
+    w.kind: w for w in (Uniform, SharedPrefix, MultiTurn)
+}
+
+
+def to_dict(workload: Workload) -> dict[str, Any]:
+    """A JSON-able description that `from_dict` turns back into the same workload."""
+    return {"kind": workload.kind, **asdict(workload)}  # type: ignore[call-overload]
+
+
+def from_dict(doc: dict[str, Any]) -> Workload:
+    params = dict(doc)
+    return KINDS[params.pop("kind")](**params)
+
+
+def with_params(workload: Workload, overrides: dict[str, str]) -> Workload:
+    """The workload with fields replaced from `name=value` strings (CLI `--set`), type-checked."""
+    types = {f.name: type(getattr(workload, f.name)) for f in fields(workload)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - set(types))
+    if unknown:
+        raise ValueError(f"{workload.kind} has no parameter {', '.join(unknown)}; known: {sorted(types)}")
+    return replace(workload, **{k: types[k](v) for k, v in overrides.items()})  # type: ignore[type-var]
+
+
+def assigned_sessions(
+    workload: Workload, seed: int, shares: list[int], index: int, max_requests: int | None
+) -> Iterator[Session]:
+    """Client `index`'s sessions: the global stream dealt out in proportion to `shares`.
+
+    The global stream is cut at `max_requests` requests (turns) in all, so every client process,
+    generating the same stream, agrees on who sends what without talking to the others.
+    """
+    slots = [client for client, share in enumerate(shares) for _ in range(share)]
+    sent = 0
+    for number, session in enumerate(workload.sessions(random.Random(seed))):
+        if max_requests is not None:
+            if sent >= max_requests:
+                return
+            session = session.truncated(max_requests - sent)
+            sent += len(session)
+        if slots[number % len(slots)] == index:
+            yield session
