@@ -198,7 +198,7 @@ class Reflector:
                     version = await self._watch(version)
             except _Expired:
                 log.info("%s: watch expired (410 Gone), re-listing", self.what)
-            except (ApiError, aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            except Exception as exc:  # nothing a server or proxy sends may end discovery
                 log.warning("%s: %s: %s; retrying", self.what, type(exc).__name__, exc)
                 await self.backoff.sleep()
 
