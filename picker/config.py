@@ -46,7 +46,7 @@ def _default_scorers() -> tuple[PluginSpec, ...]:
 class SchedulingConfig:
     filters: tuple[PluginSpec, ...] = (PluginSpec("subset"), PluginSpec("healthy"))
     scorers: tuple[PluginSpec, ...] = field(default_factory=_default_scorers)
-    picker: PluginSpec = PluginSpec("max-score", params={"fallbacks": 2})
+    picker: PluginSpec = PluginSpec("max-score")
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,13 +58,20 @@ def _grpc_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
+def extproc_handler(service: ExtProcService) -> grpc.GenericRpcHandler:
+    """Raw-bytes handler: no (de)serializers, so answers go out as the cached bytes they are."""
+    return grpc.method_handlers_generic_handler(
+        EXTPROC_SERVICE, {"Process": grpc.stream_stream_rpc_method_handler(service.process)}
+    )
+
+
 class PickerServer:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         config = options.config
         self.pool = EndpointPool()
         self.scraper = Scraper(self.pool, config.metrics)
-        self.scheduler = Scheduler.from_config(config, self.pool, self.scraper)
+        self.scheduler = Scheduler.from_config(config, self.pool)
         self.director = Director(
             self.pool,
             self.scheduler,
@@ -83,12 +90,8 @@ class PickerServer:
     async def start(self) -> None:
         opts = self.options
         await self.health.start()
-        handler = grpc.method_handlers_generic_handler(
-            EXTPROC_SERVICE,
-            {"Process": grpc.stream_stream_rpc_method_handler(self.extproc.process)},
-        )
         main = grpc.aio.server(options=_grpc_options(opts.config))
-        main.add_generic_rpc_handlers((handler,))
+        main.add_generic_rpc_handlers((extproc_handler(self.extproc),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
         address = f"{opts.bind_address}:{opts.grpc_port}"
         if opts.secure_serving:
