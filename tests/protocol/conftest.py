@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from picker.admission import Admission
 from picker.config import Config
 from picker.datalayer.endpoint import EngineMetrics
 from picker.datalayer.pool import EndpointPool
-from picker.director import Director
+from picker.director import Director, Routed
 from picker.protocol.extproc import ExtProcService
 from picker.scheduling.scheduler import Scheduler
 from picker.server import extproc_handler
@@ -97,6 +98,12 @@ class Picker:
     pool: EndpointPool
     stub: ExternalProcessorStub
     config: Config
+    releases: asyncio.Queue[str]  # the address of each endpoint the picker let go of
+
+    async def released(self) -> str:
+        """Wait for the next release of an in-flight hold (a stream ended)."""
+        async with asyncio.timeout(5):
+            return await self.releases.get()
 
     def set_metrics(self, address: str, **values: float) -> None:
         endpoint = self.pool.get(address)
@@ -137,6 +144,14 @@ async def make_picker() -> AsyncIterator:
         director = Director(
             pool, Scheduler.from_config(config, pool), Admission(config.saturation, config.metrics)
         )
+        releases: asyncio.Queue[str] = asyncio.Queue()
+        release = director.release
+
+        def observed_release(routed: Routed) -> None:
+            release(routed)
+            releases.put_nowait(routed.endpoint.address)
+
+        director.release = observed_release  # type: ignore[method-assign]
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((extproc_handler(ExtProcService(director, config)),))
         port = server.add_insecure_port("127.0.0.1:0")
@@ -144,7 +159,7 @@ async def make_picker() -> AsyncIterator:
         servers.append(server)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         channels.append(channel)
-        return Picker(pool, ExternalProcessorStub(channel), config)
+        return Picker(pool, ExternalProcessorStub(channel), config, releases)
 
     yield make
     for channel in channels:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
@@ -22,12 +20,6 @@ from tests.protocol.conftest import (
 )
 
 CHAT = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hello " * 50}]})
-
-
-async def wait_until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def test_buffered_continues_headers_and_routes_in_the_body_answer(make_picker) -> None:
@@ -58,7 +50,8 @@ async def test_in_flight_is_held_while_the_stream_is_open_and_released_at_its_en
     assert picker.inflight(ENDPOINTS[0]) == 1
     await call.done_writing()  # the HTTP exchange ended normally
     assert await call.read() is grpc.aio.EOF
-    await wait_until(lambda: picker.inflight(ENDPOINTS[0]) == 0)
+    assert await picker.released() == ENDPOINTS[0]
+    assert picker.inflight(ENDPOINTS[0]) == 0
 
 
 async def test_in_flight_is_released_when_the_gateway_cancels_the_stream(make_picker) -> None:
@@ -70,7 +63,8 @@ async def test_in_flight_is_released_when_the_gateway_cancels_the_stream(make_pi
     await call.read()
     assert picker.inflight(ENDPOINTS[0]) == 1
     call.cancel()  # client aborted: Envoy resets the stream
-    await wait_until(lambda: picker.inflight(ENDPOINTS[0]) == 0)
+    assert await picker.released() == ENDPOINTS[0]
+    assert picker.inflight(ENDPOINTS[0]) == 0
 
 
 async def test_in_flight_load_spreads_a_burst_before_metrics_move(make_picker) -> None:
