@@ -171,6 +171,7 @@ class Envoy:
         log_level: str = "warning",
         workdir: Path | None = None,
         ready_timeout: float = 20.0,
+        customize: Callable[[dict[str, Any]], None] | None = None,
     ) -> AsyncIterator[Envoy]:
         """Start Envoy, wait until its admin says ready and its listener is bound; stop on exit.
 
@@ -185,6 +186,8 @@ class Envoy:
             listen_port=listen_port,
             admin_port=admin_port,
         )
+        if customize is not None:  # e.g. a test adding a filter the shipped config lacks
+            customize(rendered)
         async with contextlib.AsyncExitStack() as stack:
             if workdir is None:
                 workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="envoy-")))
