@@ -57,7 +57,10 @@ class PoolSpec:
         if not selector:
             raise ValueError("a selector needs at least one label")
         pairs = tuple(sorted((str(key), str(value)) for key, value in selector.items()))
-        return cls(pairs, _checked_ports(target_ports))
+        ports = tuple(dict.fromkeys(int(port) for port in target_ports))
+        if not ports or not all(0 < port < 65536 for port in ports):
+            raise ValueError(f"target ports {list(ports)} must be 1-65535, at least one")
+        return cls(pairs, ports)
 
     @classmethod
     def from_pool(cls, pool: JSON) -> PoolSpec:
@@ -72,34 +75,6 @@ class PoolSpec:
     @property
     def label_selector(self) -> str:
         return ",".join(f"{key}={value}" for key, value in self.selector)
-
-
-def _checked_ports(ports: Iterable[int]) -> tuple[int, ...]:
-    unique = tuple(dict.fromkeys(int(port) for port in ports))
-    if not unique or not all(0 < port < 65536 for port in unique):
-        raise ValueError(f"target ports {list(unique)} must be 1-65535, at least one")
-    return unique
-
-
-def parse_selector(spec: str) -> dict[str, str]:
-    """`--endpoint-selector "app=vllm,tier=gpu"` -> labels (equality matches only)."""
-    labels = {}
-    for item in filter(str.strip, spec.split(",")):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep or not key:
-            raise ValueError(f"selector term {item!r} is not key=value")
-        labels[key] = value
-    if not labels:
-        raise ValueError("empty selector")
-    return labels
-
-
-def parse_ports(spec: str) -> tuple[int, ...]:
-    """`--endpoint-target-ports "8000,8001"` -> ports."""
-    try:
-        return _checked_ports(int(item) for item in spec.split(",") if item.strip())
-    except ValueError as exc:
-        raise ValueError(f"target ports {spec!r}: {exc}") from None
 
 
 def ready_ip(pod: JSON) -> str | None:

@@ -11,8 +11,6 @@ from picker.discovery.kubernetes import (
     PoolSpec,
     join_host_port,
     kubernetes_source,
-    parse_ports,
-    parse_selector,
     ready_ip,
 )
 
@@ -169,17 +167,6 @@ async def test_backoff_doubles_to_its_cap_and_resets(monkeypatch):
 # -- parsing and validation -------------------------------------------------------------------
 
 
-def test_flag_parsing():
-    assert parse_selector(" app=vllm, tier = gpu ,") == {"app": "vllm", "tier": "gpu"}
-    assert parse_ports("8000, 8001,8000") == (8000, 8001)
-    for bad in ("app", "=x", ""):
-        with pytest.raises(ValueError):
-            parse_selector(bad)
-    for bad in ("", "80a", "0", "65536"):
-        with pytest.raises(ValueError):
-            parse_ports(bad)
-
-
 def test_constructor_rejects_contradictory_flags():
     with pytest.raises(ValueError, match="drop --endpoint-selector"):
         kubernetes_source(pool_name="p", namespace="ns", selector={"a": "b"}, target_ports=None)
@@ -187,6 +174,8 @@ def test_constructor_rejects_contradictory_flags():
         kubernetes_source(pool_name=None, namespace="ns", selector={"a": "b"}, target_ports=None)
     with pytest.raises(ValueError, match="needs --endpoint-target-ports"):
         kubernetes_source(pool_name=None, namespace="ns", selector=None, target_ports=None)
+    with pytest.raises(ValueError, match="1-65535"):
+        kubernetes_source(pool_name=None, namespace="ns", selector={"a": "b"}, target_ports=[0])
     made = kubernetes_source(pool_name=None, namespace="ns", selector={"b": "2", "a": "1"}, target_ports=[80])
     assert made.spec == PoolSpec((("a", "1"), ("b", "2")), (80,))
 
