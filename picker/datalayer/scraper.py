@@ -3,8 +3,7 @@
 Each tick starts one scrape per endpoint whose previous scrape has finished; an endpoint that is
 still answering (slow, hanging until the timeout) is skipped for that tick. So a slow endpoint
 only delays itself, never the others, and never piles up concurrent requests against itself.
-That also bounds the shared client's connections to one per endpoint, which is how its limits
-follow the pool's size without being rebuilt when the pool changes.
+It also means one connection per endpoint is all the scraper's client ever needs.
 """
 
 from __future__ import annotations
@@ -30,11 +29,53 @@ log = logging.getLogger(__name__)
 ERROR_KINDS = ("connect", "timeout", "status", "parse")  # SCRAPE_ERRORS `kind` label values
 # Identity: compressing a page the picker decompresses again only costs CPU on both sides.
 _HEADERS = {"accept": "text/plain", "accept-encoding": "identity"}
+_ONE_CONNECTION = httpx.Limits(max_connections=1, max_keepalive_connections=1)
 
 
 class _StatusError(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(f"HTTP {status}")
+
+
+class _PoolPerEndpoint(httpx.AsyncBaseTransport):
+    """One keep-alive connection per endpoint behind the scraper's single client.
+
+    httpcore's connection pool walks every connection it holds, polling each idle socket, for
+    every request, so one pool shared by N endpoints costs O(N) per scrape and O(N^2) per round.
+    Measured with 64 endpoints serving an 80 KB vLLM page every 0.2 s: 5.2 ms CPU per scrape, the
+    scraper managed half the rate and scrapes timed out; with a pool per endpoint, 1.2-1.5 ms
+    and the full rate. Looking the pool up by address keeps a scrape's cost independent of N.
+    """
+
+    def __init__(self) -> None:
+        self._pools: dict[bytes, httpx.AsyncHTTPTransport] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        pool = self._pools.get(request.url.netloc)
+        if pool is None:
+            pool = self._pools[request.url.netloc] = httpx.AsyncHTTPTransport(limits=_ONE_CONNECTION)
+        return await pool.handle_async_request(request)
+
+    def forget(self, address: str) -> None:
+        """Close the connection of an endpoint that left (no later request would prune it)."""
+        try:
+            netloc = httpx.URL(f"http://{address}").netloc  # as normalised for the request
+        except httpx.InvalidURL:  # then it was never fetched either
+            return
+        pool = self._pools.pop(netloc, None)
+        if pool is None:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(pool.aclose())
+        except RuntimeError:  # no loop: its connections are gone with it
+            return
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        await asyncio.gather(*self._closing, *(pool.aclose() for pool in pools))
 
 
 class Scraper:
@@ -57,11 +98,10 @@ class Scraper:
         self._config = config
         self._max_page_bytes = max_page_bytes
         self._own_client = client is None
+        self._transport = _PoolPerEndpoint() if client is None else None
         self._client = client or httpx.AsyncClient(
+            transport=self._transport,
             timeout=config.timeout,
-            # One request at most per endpoint at a time (see module doc): no cap needed, and a
-            # cap below the pool size would make endpoints wait on each other's connections.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
             trust_env=False,  # pod addresses must never go through an HTTP(S)_PROXY from the env
         )
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -108,7 +148,7 @@ class Scraper:
 
     def _launch(self) -> list[asyncio.Task[None]]:
         """Start a scrape for each endpoint without one under way; all current scrape tasks."""
-        tasks = []
+        tasks: list[asyncio.Task[None]] = []
         for endpoint in self._pool.endpoints:
             task = self._inflight.get(endpoint.address)
             if task is None:
@@ -199,6 +239,8 @@ class Scraper:
         if task is not None:
             task.cancel()
         self._gauged.pop(address, None)
+        if self._transport is not None:
+            self._transport.forget(address)
         forget_endpoint(address)
         for kind in ERROR_KINDS:  # telemetry.forget_endpoint leaves two-label families alone
             with contextlib.suppress(KeyError):

@@ -47,6 +47,7 @@ class Replica:
         self.page = page
         self.mode = "ok"  # ok | 500 | garbage | hang | huge
         self.hits = 0
+        self.connections: set[asyncio.BaseTransport] = set()  # every one the scraper opened
         self.release = asyncio.Event()  # ends every hanging answer
         self._hit = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -73,6 +74,8 @@ class Replica:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
+        if request.transport is not None:
+            self.connections.add(request.transport)
         async with self._hit:
             self._hit.notify_all()
         if self.mode == "hang":
@@ -202,13 +205,19 @@ async def test_timeout_and_refused_connection_are_failures(
     scraper = Scraper(pool, MetricsConfig(timeout=0.2))
     try:
         await scraper.scrape_once()
+        for address, kind in ((hung.address, "timeout"), (refused, "connect")):
+            endpoint = pool.get(address)
+            assert endpoint is not None and endpoint.consecutive_failures == 1
+            assert errors(address, kind) == 1.0
+            assert age(address) == math.inf  # never scraped successfully
+
+        # The endpoint's one connection slot was freed by the abandoned request.
+        hung.mode = "ok"
+        await scraper.scrape_once()
+        recovered = pool.get(hung.address)
+        assert recovered is not None and fresh(recovered)
     finally:
         await scraper.aclose()
-    for address, kind in ((hung.address, "timeout"), (refused, "connect")):
-        endpoint = pool.get(address)
-        assert endpoint is not None and endpoint.consecutive_failures == 1
-        assert errors(address, kind) == 1.0
-        assert age(address) == math.inf  # never scraped successfully
 
 
 async def test_hanging_endpoint_does_not_starve_the_others(
@@ -267,19 +276,27 @@ async def test_first_round_waits_for_a_synced_pool_and_every_endpoint(
             await task
 
 
-async def test_removed_endpoint_loses_its_series_and_its_scrape(
+async def test_removed_endpoint_loses_its_series_connection_and_scrape(
     replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool, scraper: Scraper
 ) -> None:
-    kept, failing, hung = await replicas(3)
+    kept, failing, healthy, hung = await replicas(4)
     failing.mode = "500"
-    pool.set_addresses([kept.address, failing.address])
+    pool.set_addresses([kept.address, failing.address, healthy.address])
     await scraper.scrape_once()
     assert routable(failing.address) == 0.0 and errors(failing.address, "status") == 1.0
+    assert routable(healthy.address) == 1.0 and healthy.connections
 
     pool.set_addresses([kept.address, hung.address])
-    assert routable(failing.address) is None and age(failing.address) is None
+    for gone in (failing.address, healthy.address):
+        assert routable(gone) is None and age(gone) is None
     assert errors(failing.address, "status") is None
     assert routable(kept.address) == 1.0
+    # The kept-alive connection to the departed healthy endpoint is closed too. aiohttp signals
+    # no event for that: poll, bounded.
+    async with asyncio.timeout(2):
+        while not all(conn.is_closing() for conn in healthy.connections):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert not any(conn.is_closing() for conn in kept.connections)
 
     hung.mode = "hang"
     scraping = asyncio.create_task(scraper.scrape_once())
