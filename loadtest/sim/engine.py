@@ -1,10 +1,26 @@
-"""The engine of one simulated replica: vLLM V1's scheduler driven by a calibrated step clock.
+"""The engine of one simulated replica: vLLM V1's scheduler on a calibrated step clock.
 
-Each step schedules work exactly as vLLM V1 does (running requests first, then waiting ones,
-within `max_num_batched_tokens` and `max_num_seqs`, chunked prefill, recompute preemption of the
-newest running request when KV blocks run out, at most `max_loras` adapters in a batch), then
-lasts as long as the profile's step-time model says. Scheduling (`schedule`) and the step's
-outcome (`complete`) are separate so tests can drive the engine without a clock.
+The model, piece by piece:
+- Tokens: 4 characters each (`tokens.py`), so equal text gives equal tokens and block hashes.
+- KV cache (`kvcache.py`): `num_gpu_blocks` blocks of `block_size` tokens; automatic prefix
+  caching over chained block hashes; blocks of finished or preempted requests stay cached until
+  new demand evicts them, least recently freed first and a request's tail before its head. A
+  hit skips whole blocks of prefill and never covers the prompt's last token (vLLM recomputes
+  it). Prefix-cache queries and hits are counted in tokens at admission, as vLLM does.
+- Scheduler (`Engine.schedule`), each step: running requests first, in admission order, then
+  waiting ones in FIFO order, within `max_num_batched_tokens` (chunked prefill: a long prompt
+  takes several steps) and `max_num_seqs`; at most `max_loras` adapters per batch (other
+  adapters' requests wait, the rest go ahead). When a running request needs a block and none is
+  free, the newest running request is preempted (recompute: blocks freed, hashes kept, queued
+  first) until the allocation fits; no new request is admitted in such a step.
+- Step time (`profiles.py`): fixed overhead + prefill tokens + decoding sequences + context read,
+  divided by `speed`. A token is sampled for every request whose known tokens are all computed.
+- Output length: `max_tokens` tokens (ignore-EOS, as serving benchmarks run); the API layer may
+  choose a shorter length (`min_tokens`, or its default when `max_tokens` is absent) and mark
+  the end as EOS (`finish_reason` "stop").
+
+Scheduling (`schedule`) and applying a step's outcome (`complete`) are separate and take the time
+as an argument, so the engine is deterministic and unit tests drive it without a clock.
 """
 
 from __future__ import annotations
@@ -18,6 +34,8 @@ from typing import Protocol
 from loadtest.sim.kvcache import Block, KVCache
 from loadtest.sim.profiles import Profile
 from loadtest.sim.tokens import OutputText, TokenSequence
+
+MAX_LAG = 0.1  # seconds the engine may fall behind its timeline and still catch up
 
 
 class Status(enum.Enum):
@@ -98,13 +116,13 @@ class Engine:
         self,
         profile: Profile,
         *,
-        time_scale: float = 1.0,
+        speed: float = 1.0,
         prefix_caching: bool = True,
         max_loras: int = 1,
         observer: EngineObserver | None = None,
     ) -> None:
         self.profile = profile
-        self.time_scale = time_scale
+        self.speed = speed
         self.max_loras = max_loras
         self.observer = observer
         self.kv = KVCache(profile.num_gpu_blocks, profile.block_size, prefix_caching)
@@ -230,7 +248,7 @@ class Engine:
                 prefill_tokens += count
             context_tokens += request.num_computed + count
         duration = self.profile.cost.seconds(prefill_tokens, decode_seqs, context_tokens)
-        return StepPlan(scheduled, prefill_tokens, decode_seqs, duration * self.time_scale)
+        return StepPlan(scheduled, prefill_tokens, decode_seqs, duration / self.speed)
 
     def complete(self, plan: StepPlan, now: float) -> None:
         """Apply a finished step: advance computed tokens, publish full blocks, sample tokens."""
@@ -303,9 +321,12 @@ class Engine:
         request.ended.set()
 
     async def run(self) -> None:
-        """Step forever. Steps are paced against deadlines so timer overshoot does not add up,
-        but a loop that fell more than a whole step behind restarts from now rather than
-        bursting through the backlog."""
+        """Step forever, each step ending at its deadline on the simulated timeline.
+
+        Deadlines follow each other without gaps, so timer overshoot and short stalls of a busy
+        host (many replicas share one core) are made up by the next steps, as a GPU would not
+        have paused; a lag beyond `MAX_LAG` is given up rather than replayed as a burst.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time()
         while True:
@@ -316,7 +337,9 @@ class Engine:
                 deadline = loop.time()
                 continue
             now = loop.time()
-            start = deadline if now - deadline < plan.duration else now
-            deadline = start + plan.duration
-            await asyncio.sleep(max(0.0, deadline - now))
+            deadline = max(deadline, now - MAX_LAG) + plan.duration
+            if deadline > now:
+                await asyncio.sleep(deadline - now)
+            else:
+                await asyncio.sleep(0)  # behind schedule: still let the API layer run
             self.complete(plan, loop.time())

@@ -56,10 +56,10 @@ def test_prefill_step_follows_the_step_time_model() -> None:
     assert decode.duration == pytest.approx((6.4 + 0.006 + 0.055 * 1001 / 1000) / 1000)
 
 
-def test_time_scale_multiplies_step_time() -> None:
+def test_speed_divides_step_time() -> None:
     plans = []
-    for scale in (1.0, 0.1):
-        engine = Engine(H100, time_scale=scale)
+    for scale in (1.0, 10.0):
+        engine = Engine(H100, speed=scale)
         engine.submit("r", prompt_of(100), 1, 0.0)
         plans.append(engine.schedule(0.0))
     assert plans[1].duration == pytest.approx(plans[0].duration * 0.1)
