@@ -1,6 +1,7 @@
-"""`python -m loadtest.sim`: run N simulated vLLM replicas in one process until SIGTERM/SIGINT.
+"""`python -m loadtest.sim`: N simulated vLLM replicas on ports P..P+N-1 in one asyncio process.
 
-Prints one JSON line, `{"addresses": ["127.0.0.1:PORT", ...]}`, once every replica listens.
+Prints `replica I ready on HOST:PORT profile=NAME` per replica once it listens (the launcher and
+scripts wait for these lines) and stops cleanly on SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -9,62 +10,86 @@ import argparse
 import asyncio
 import dataclasses
 import signal
-import sys
 
-import orjson
+from loadtest.sim.profiles import ALIASES, PROFILES, Profile, get_profile
+from loadtest.sim.server import SimConfig, run_replicas
 
-from loadtest.sim.profiles import PROFILES
-from loadtest.sim.server import Replica, SimConfig
+READY_FORMAT = "replica {index} ready on {address} profile={profile}"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | tuple[str, ...] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.sim", description=__doc__)
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="h100-8b")
+    parser.add_argument("--replicas", type=int, help="default: 1, or one per --profiles entry")
+    parser.add_argument("--port", type=int, default=8000, help="first port (0: a free port each)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="first port, the others follow (0: free ports)")
+    names = [*PROFILES, *ALIASES]
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--profile", choices=names, default="h100-8b")
+    which.add_argument("--profiles", help="comma-separated, one per replica (e.g. fast,fast,slow)")
+    parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
     parser.add_argument("--model", help="served model name (default: the profile's)")
     parser.add_argument("--lora", default="", help="comma-separated LoRA adapter names")
     parser.add_argument("--max-loras", type=int, default=1)
-    parser.add_argument("--time-scale", type=float, default=1.0, help="step-time multiplier")
-    parser.add_argument("--num-gpu-blocks", type=int, help="override the profile's KV blocks")
+    parser.add_argument("--num-gpu-blocks", type=int, help="shrink or grow the KV cache")
+    parser.add_argument("--max-num-seqs", type=int, help="override the batch size limit")
     parser.add_argument("--default-max-tokens", type=int, default=256)
     parser.add_argument("--no-prefix-caching", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.profiles:
+        args.profiles = args.profiles.split(",")
+        unknown = [name for name in args.profiles if name not in names]
+        if unknown:
+            parser.error(f"unknown profiles {unknown} (choose from {', '.join(names)})")
+    else:
+        args.profiles = [args.profile] * (args.replicas or 1)
+    args.replicas = args.replicas or len(args.profiles)
+    if len(args.profiles) != args.replicas:
+        parser.error(f"--profiles names {len(args.profiles)} profiles for {args.replicas} replicas")
+    return args
 
 
-def config_from_args(args: argparse.Namespace) -> SimConfig:
-    profile = PROFILES[args.profile]
-    if args.num_gpu_blocks is not None:
-        max_model_len = min(profile.max_model_len, args.num_gpu_blocks * profile.block_size)
-        profile = dataclasses.replace(
-            profile, num_gpu_blocks=args.num_gpu_blocks, max_model_len=max_model_len
-        )
-    return SimConfig(
-        profile=profile,
-        served_model_name=args.model,
-        lora_adapters=tuple(name for name in args.lora.split(",") if name),
-        max_loras=args.max_loras,
-        time_scale=args.time_scale,
-        prefix_caching=not args.no_prefix_caching,
-        default_max_tokens=args.default_max_tokens,
-    )
+def profiles_from_args(args: argparse.Namespace) -> list[Profile]:
+    """The replicas' profiles with the capacity overrides applied."""
+    chosen = []
+    for name in args.profiles:
+        profile = get_profile(name)
+        if args.num_gpu_blocks is not None:
+            tokens = args.num_gpu_blocks * profile.block_size
+            profile = dataclasses.replace(
+                profile, num_gpu_blocks=args.num_gpu_blocks, max_model_len=min(profile.max_model_len, tokens)
+            )
+        if args.max_num_seqs is not None:
+            profile = dataclasses.replace(profile, max_num_seqs=args.max_num_seqs)
+        chosen.append(profile)
+    return chosen
 
 
 async def serve(args: argparse.Namespace) -> None:
-    config = config_from_args(args)
-    replicas = [Replica(config) for _ in range(args.replicas)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        for i, replica in enumerate(replicas):
-            await replica.start(args.host, args.port + i if args.port else 0)
-        print(orjson.dumps({"addresses": [r.address for r in replicas]}).decode(), flush=True)
+    config = SimConfig(
+        lora_adapters=tuple(name for name in args.lora.split(",") if name),
+        max_loras=args.max_loras,
+        prefix_caching=not args.no_prefix_caching,
+        default_max_tokens=args.default_max_tokens,
+    )
+    async with run_replicas(
+        args.replicas,
+        port=args.port,
+        host=args.host,
+        profiles=profiles_from_args(args),
+        speed=args.speed,
+        model=args.model,
+        config=config,
+    ) as replicas:
+        for replica in replicas:
+            line = READY_FORMAT.format(
+                index=replica.name, address=replica.address, profile=replica.config.profile.name
+            )
+            print(line, flush=True)
         await stop.wait()
-    finally:
-        await asyncio.gather(*(replica.stop() for replica in replicas))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +103,3 @@ def main(argv: list[str] | None = None) -> int:
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(serve(args))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

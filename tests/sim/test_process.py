@@ -3,41 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import httpx
 import pytest
 
 from loadtest.sim import REPLICA_HEADER, SimProcess
-from loadtest.sim.__main__ import config_from_args, parse_args
+from loadtest.sim.cli import parse_args, profiles_from_args
 
 
-async def test_child_process_serves_each_replica_on_its_own_port_and_exits_on_stop() -> None:
-    sim = SimProcess("--replicas", "2", "--time-scale", "0.01", "--model", "m")
+async def test_child_process_serves_each_replica_and_exits_cleanly_on_sigterm() -> None:
+    sim = SimProcess("--port", "0", "--profiles", "fast,slow", "--speed", "100", "--model", "m")
     async with sim:
-        assert len(sim.addresses) == 2 and len(set(sim.addresses)) == 2
+        assert len(set(sim.addresses)) == 2 and sim.profiles == ["h100-8b", "l40s-8b"]
         process = sim.process
         assert process is not None
         async with httpx.AsyncClient(timeout=10) as http:
-            for address in sim.addresses:
+            for index, address in enumerate(sim.addresses):
                 response = await http.post(
                     f"http://{address}/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2}
                 )
                 assert response.status_code == 200
-                assert response.headers[REPLICA_HEADER] == address
-    assert process.returncode == 0  # SIGTERM is a clean shutdown
+                assert response.headers[REPLICA_HEADER] == str(index)
+    assert process.returncode == 0
     host, port = sim.addresses[0].rsplit(":", 1)
     with pytest.raises(OSError):
         await asyncio.open_connection(host, int(port))
 
 
 async def test_a_child_that_cannot_start_is_reported() -> None:
-    with pytest.raises(RuntimeError, match="exited with 2"):
-        async with SimProcess("--profile", "no-such-profile"):
-            pass
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # the simulator cannot bind this port
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            async with SimProcess("--port", str(port)):
+                pass
 
 
-def test_num_gpu_blocks_override_caps_the_context_length() -> None:
-    config = config_from_args(parse_args(["--profile", "l40s-8b", "--num-gpu-blocks", "64", "--lora", "a,b"]))
-    assert config.profile.num_gpu_blocks == 64 and config.profile.max_model_len == 64 * 16
-    assert config.profile.max_num_batched_tokens == 2048  # the rest of the profile is kept
-    assert config.lora_adapters == ("a", "b")
+def test_bad_arguments_are_rejected_before_starting() -> None:
+    with pytest.raises(ValueError, match="invalid simulator arguments"):
+        SimProcess("--profiles", "fast,nonesuch")
+    with pytest.raises(ValueError):
+        SimProcess("--replicas", "3", "--profiles", "fast,slow")
+
+
+def test_replica_count_follows_profiles_and_capacity_flags_apply_to_each() -> None:
+    args = parse_args(["--profiles", "slow,fast,slow", "--num-gpu-blocks", "64", "--max-num-seqs", "4"])
+    assert args.replicas == 3
+    profiles = profiles_from_args(args)
+    assert [p.name for p in profiles] == ["l40s-8b", "h100-8b", "l40s-8b"]
+    assert {(p.num_gpu_blocks, p.max_model_len, p.max_num_seqs) for p in profiles} == {(64, 64 * 16, 4)}
+    assert profiles[0].max_num_batched_tokens == 2048  # the rest of the profile is kept

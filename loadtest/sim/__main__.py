@@ -1,0 +1,5 @@
+import sys
+
+from loadtest.sim.cli import main
+
+sys.exit(main())
