@@ -29,6 +29,7 @@ class GenerationParams:
     stream: bool
     include_usage: bool
     max_tokens: int | None  # None: not given by the client
+    min_tokens: int | None  # given: the output length is drawn from [min_tokens, max_tokens]
     seed: int | None
 
 
@@ -46,6 +47,11 @@ def parse_generation(body: bytes, chat: bool) -> GenerationParams:
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         raise BadRequest("'max_tokens' must be an integer of at least 1")
+    min_tokens = doc.get("min_tokens")
+    if min_tokens is not None and (not _is_int(min_tokens) or min_tokens < 0):
+        raise BadRequest("'min_tokens' must be a non-negative integer")
+    if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
+        raise BadRequest("'min_tokens' must be less than or equal to 'max_tokens'")
     if doc.get("n", 1) != 1:
         raise BadRequest("the simulator supports only n=1")
     seed = doc.get("seed")
@@ -59,6 +65,7 @@ def parse_generation(body: bytes, chat: bool) -> GenerationParams:
         stream=request.stream,
         include_usage=include_usage,
         max_tokens=max_tokens,
+        min_tokens=min_tokens,
         seed=seed,
     )
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import random
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -18,7 +21,7 @@ from aiohttp import web
 from loadtest.sim.engine import Engine, SimRequest, Status
 from loadtest.sim.metrics import ReplicaMetrics
 from loadtest.sim.openai_api import GenerationParams, ResponseWriter, parse_generation, usage
-from loadtest.sim.profiles import PROFILES, Profile
+from loadtest.sim.profiles import PROFILES, Profile, get_profile
 from loadtest.sim.tokens import count_tokens
 from picker.errors import openai_error_body
 from picker.request import BadRequest
@@ -30,16 +33,18 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class SimConfig:
     profile: Profile = PROFILES["h100-8b"]
-    served_model_name: str | None = None  # defaults to the profile's model
+    model: str | None = None  # served model name; the profile's model when None
+    # Simulated seconds per real second: 10 makes every step 10x shorter. Latencies (histograms,
+    # client timings) are wall-clock, so multiply them by `speed` for hardware-equivalent values.
+    speed: float = 1.0
     lora_adapters: tuple[str, ...] = ()  # extra model names served as LoRA adapters
     max_loras: int = 1  # adapters that may share one batch
-    time_scale: float = 1.0  # multiplies every step time: 0.1 runs ten times faster
     prefix_caching: bool = True
     default_max_tokens: int = 256  # chat requests without max_tokens stop ("EOS") after this
 
     @property
-    def model(self) -> str:
-        return self.served_model_name or self.profile.model
+    def model_name(self) -> str:
+        return self.model or self.profile.model
 
 
 class Replica:
@@ -49,12 +54,12 @@ class Replica:
         self.config = config or SimConfig()
         self.engine = Engine(
             self.config.profile,
-            time_scale=self.config.time_scale,
+            speed=self.config.speed,
             prefix_caching=self.config.prefix_caching,
             max_loras=self.config.max_loras,
         )
         self.metrics = ReplicaMetrics(
-            self.engine, self.config.model, lora_enabled=bool(self.config.lora_adapters)
+            self.engine, self.config.model_name, lora_enabled=bool(self.config.lora_adapters)
         )
         self.engine.observer = self.metrics
         self.name = name
@@ -110,7 +115,7 @@ class Replica:
         return web.Response(body=self.metrics.render(), content_type="text/plain")
 
     async def _models(self, request: web.Request) -> web.Response:
-        base = self.config.model
+        base = self.config.model_name
         cards = [
             {
                 "id": name,
@@ -135,7 +140,7 @@ class Replica:
         try:
             params = parse_generation(await request.read(), chat)
             model, lora = self._resolve_model(params.model)
-            max_tokens, stop_at_max = self._max_tokens(params)
+            max_tokens, stop_at_max = self._output_length(params)
         except BadRequest as exc:
             return _error(exc.status, str(exc))
         loop = asyncio.get_running_loop()
@@ -166,42 +171,50 @@ class Replica:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        await response.prepare(request)
-        sent = 0
-        while not sim.done:
-            await sim.progress.wait()
-            sim.progress.clear()
-            text = "".join(sim.generated[sent:])
-            finish = sim.finish_reason if sim.status is Status.FINISHED else None
-            events = writer.role_chunk() if sent == 0 and writer.chat else b""
-            sent = len(sim.generated)
-            await response.write(events + writer.chunk(text, finish))
-        if include_usage:
-            await response.write(writer.usage_chunk(_usage(sim)))
-        await response.write(ResponseWriter.DONE)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            sent = 0
+            while not sim.done:
+                await sim.progress.wait()
+                sim.progress.clear()
+                text = "".join(sim.generated[sent:])
+                finish = sim.finish_reason if sim.status is Status.FINISHED else None
+                events = writer.role_chunk() if sent == 0 and writer.chat else b""
+                sent = len(sim.generated)
+                await response.write(events + writer.chunk(text, finish))
+            if include_usage:
+                await response.write(writer.usage_chunk(_usage(sim)))
+            await response.write(ResponseWriter.DONE)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client left between two writes; the caller aborts the request
         return response
 
     def _resolve_model(self, requested: str) -> tuple[str, str | None]:
         """The model name to answer with, and the LoRA adapter it selects (None: base model)."""
-        if requested in ("", self.config.model):
-            return self.config.model, None
+        if requested in ("", self.config.model_name):
+            return self.config.model_name, None
         if requested in self.config.lora_adapters:
             return requested, requested
         raise BadRequest(f"The model `{requested}` does not exist.", status=404)
 
-    def _max_tokens(self, params: GenerationParams) -> tuple[int, bool]:
-        """Tokens to generate, and whether reaching them counts as EOS (max_tokens not given)."""
+    def _output_length(self, params: GenerationParams) -> tuple[int, bool]:
+        """Tokens to generate, and whether the end counts as EOS ("stop") rather than "length"."""
         max_model_len = self.config.profile.max_model_len
         prompt_tokens = count_tokens(params.prompt)
+        room = max_model_len - prompt_tokens
         if params.max_tokens is None:
-            room = max_model_len - prompt_tokens
             if room < 1:
                 raise BadRequest(_too_long(max_model_len, prompt_tokens, 1))
-            return min(self.config.default_max_tokens, room), True
-        if prompt_tokens + params.max_tokens > max_model_len:
+            limit, eos = min(self.config.default_max_tokens, room), True
+        elif params.max_tokens > room:
             raise BadRequest(_too_long(max_model_len, prompt_tokens, params.max_tokens))
-        return params.max_tokens, False
+        else:
+            limit, eos = params.max_tokens, False
+        if params.min_tokens is not None and params.min_tokens < limit:
+            length = random.Random(params.seed).randint(max(1, params.min_tokens), limit)
+            return length, eos or length < limit
+        return limit, eos
 
 
 def _too_long(max_model_len: int, prompt_tokens: int, max_tokens: int) -> str:
@@ -224,3 +237,43 @@ def _error(status: int, message: str) -> web.Response:
     return web.Response(
         status=status, body=openai_error_body(status, message), content_type="application/json"
     )
+
+
+@contextlib.asynccontextmanager
+async def run_replicas(
+    n: int = 1,
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    profiles: str | Profile | Sequence[str | Profile] = "h100-8b",
+    speed: float = 1.0,
+    model: str | None = None,
+    config: SimConfig | None = None,
+) -> AsyncIterator[list[Replica]]:
+    """Start `n` replicas named "0".."n-1" on ports port..port+n-1 (port 0: free ports each).
+
+    `profiles` is one profile for all, or one per replica; `config` supplies the other settings
+    (LoRA adapters, prefix caching, ...), with `profiles`, `speed` and `model` taking precedence.
+    """
+    chosen = [profiles] * n if isinstance(profiles, str | Profile) else list(profiles)
+    if len(chosen) != n:
+        raise ValueError(f"{len(chosen)} profiles given for {n} replicas")
+    base = config or SimConfig()
+    replicas = [
+        Replica(
+            dataclasses.replace(
+                base,
+                profile=get_profile(p) if isinstance(p, str) else p,
+                speed=speed,
+                model=model or base.model,
+            ),
+            name=str(i),
+        )
+        for i, p in enumerate(chosen)
+    ]
+    try:
+        for i, replica in enumerate(replicas):
+            await replica.start(host, port + i if port else 0)
+        yield replicas
+    finally:
+        await asyncio.gather(*(replica.stop() for replica in replicas))

@@ -1,44 +1,33 @@
-"""The replica over HTTP: OpenAI API shapes, prefix caching, metrics, errors and disconnects."""
+"""The replica's HTTP surface: OpenAI API shapes, metrics exposition, errors and disconnects."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import random
 import time
 from typing import Any
 
+import aiohttp
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.sim.engine import SimRequest, Status
 from loadtest.sim.profiles import PROFILES
-from loadtest.sim.server import REPLICA_HEADER, Replica, SimConfig
-from tests.sim.conftest import FAST
+from loadtest.sim.server import REPLICA_HEADER, Replica, SimConfig, run_replicas
+from picker.datalayer.metrics import parse_metrics
+from tests.sim.conftest import FAST, MODEL, client_for, scrape, value
 
 
 def sdk(replica: Replica) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(api_key="unused", base_url=f"http://{replica.address}/v1", max_retries=0)
 
 
-async def scrape(http: httpx.AsyncClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    response = await http.get("/metrics")
-    assert response.status_code == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    wanted = {"model_name": "sim-model", "engine": "0", **labels}
-    return samples[(name, frozenset(wanted.items()))]
-
-
 async def test_streaming_chat_through_the_openai_sdk(replica: Replica) -> None:
     stream = await sdk(replica).chat.completions.create(
-        model="sim-model",
+        model=MODEL,
         messages=[{"role": "user", "content": "hello"}],
         max_tokens=12,
         stream=True,
@@ -56,8 +45,8 @@ async def test_streaming_chat_through_the_openai_sdk(replica: Replica) -> None:
 
 
 async def test_completion_without_streaming(replica: Replica) -> None:
-    result = await sdk(replica).completions.create(model="sim-model", prompt="abcd" * 50, max_tokens=5)
-    assert result.object == "text_completion" and result.model == "sim-model"
+    result = await sdk(replica).completions.create(model=MODEL, prompt="abcd" * 50, max_tokens=5)
+    assert result.object == "text_completion" and result.model == MODEL
     assert len(result.choices[0].text) == 20 and result.choices[0].finish_reason == "length"
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (50, 5)
 
@@ -70,13 +59,37 @@ async def test_chat_without_max_tokens_stops_at_the_default(http: httpx.AsyncCli
     assert body["usage"]["completion_tokens"] == SimConfig().default_max_tokens
 
 
-async def test_responses_name_the_replica(replica: Replica, http: httpx.AsyncClient) -> None:
-    response = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
-    assert response.headers[REPLICA_HEADER] == replica.address
+async def test_min_tokens_draws_a_seeded_length_and_ends_with_stop(http: httpx.AsyncClient) -> None:
+    request = {"prompt": "x", "max_tokens": 400, "min_tokens": 10, "seed": 7}
+    lengths = set()
+    for _ in range(2):
+        body = (await http.post("/v1/completions", json=request)).json()
+        lengths.add(body["usage"]["completion_tokens"])
+        assert body["choices"][0]["finish_reason"] == "stop"
+    (length,) = lengths  # the same seed gives the same length
+    assert 10 <= length < 400
+
+
+async def test_every_response_names_its_replica() -> None:
+    async with run_replicas(2, profiles=FAST) as replicas:
+        for index, replica in enumerate(replicas):
+            async with client_for(replica) as http:
+                for response in (
+                    await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}),
+                    await http.post("/v1/completions", content=b"{"),
+                    await http.get("/metrics"),
+                ):
+                    assert response.headers[REPLICA_HEADER] == str(index)
+
+
+async def test_run_replicas_wants_one_profile_per_replica() -> None:
+    with pytest.raises(ValueError, match="2 profiles given for 3 replicas"):
+        async with run_replicas(3, profiles=["fast", "slow"]):
+            pass
 
 
 async def test_repeated_prompt_reports_cached_tokens(http: httpx.AsyncClient) -> None:
-    request = {"model": "sim-model", "prompt": "shared system prompt " * 40, "max_tokens": 2}
+    request = {"prompt": "shared system prompt " * 40, "max_tokens": 2}
     first = (await http.post("/v1/completions", json=request)).json()["usage"]
     second = (await http.post("/v1/completions", json=request)).json()["usage"]
     assert first["prompt_tokens_details"]["cached_tokens"] == 0
@@ -98,9 +111,8 @@ async def test_next_chat_turn_reuses_the_previous_answer(http: httpx.AsyncClient
 
 
 async def test_metrics_follow_a_request_in_flight(replica: Replica, http: httpx.AsyncClient) -> None:
-    async with http.stream(
-        "POST", "/v1/completions", json={"prompt": "p" * 400, "max_tokens": 4000 - 100, "stream": True}
-    ) as response:
+    request = {"prompt": "p" * 400, "max_tokens": 3000, "stream": True}
+    async with http.stream("POST", "/v1/completions", json=request) as response:
         assert response.status_code == 200
         await anext(response.aiter_lines())
         busy = await scrape(http)
@@ -139,14 +151,11 @@ async def test_latency_histograms_and_counters(http: httpx.AsyncClient) -> None:
     assert value(samples, "vllm:request_success_total", finished_reason="length") == 3
 
 
-async def test_lora_adapters_are_served_and_reported(replica: Replica, http: httpx.AsyncClient) -> None:
+async def test_lora_adapters_are_served_and_reported(http: httpx.AsyncClient) -> None:
     models = (await http.get("/v1/models")).json()["data"]
-    assert [(m["id"], m["parent"]) for m in models] == [("sim-model", None), ("adapter-a", "sim-model")]
-    async with http.stream(
-        "POST",
-        "/v1/completions",
-        json={"model": "adapter-a", "prompt": "x", "max_tokens": 3000, "stream": True},
-    ) as response:
+    assert [(m["id"], m["parent"]) for m in models] == [(MODEL, None), ("adapter-a", MODEL)]
+    request = {"model": "adapter-a", "prompt": "x", "max_tokens": 3000, "stream": True}
+    async with http.stream("POST", "/v1/completions", json=request) as response:
         first = await anext(response.aiter_lines())
         assert '"model":"adapter-a"' in first
         samples = await scrape(http)
@@ -155,10 +164,8 @@ async def test_lora_adapters_are_served_and_reported(replica: Replica, http: htt
 
 
 async def test_client_disconnect_aborts_a_stream(replica: Replica, http: httpx.AsyncClient) -> None:
-    async with http.stream(
-        "POST", "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 3000, "stream": True},
-    ) as response:  # fmt: skip
+    request = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3000, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=request) as response:
         await anext(response.aiter_lines())
         (sim,) = replica.engine.running
     await asyncio.wait_for(sim.ended.wait(), 5)
@@ -199,9 +206,12 @@ async def test_client_disconnect_aborts_a_non_streaming_request(
     ("path", "body", "status", "fragment"),
     [
         ("/v1/completions", b"{not json", 400, "not valid JSON"),
+        ("/v1/completions", b"[1, 2]", 400, "must be a JSON object"),
         ("/v1/completions", b'{"model": "other", "prompt": "x"}', 404, "does not exist"),
         ("/v1/chat/completions", b'{"prompt": "x"}', 400, "'messages' is required"),
+        ("/v1/chat/completions", b'{"messages": "hi"}', 400, "'messages' must be an array"),
         ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": 5, "min_tokens": 6}', 400, "min_tokens"),
         ("/v1/completions", b'{"prompt": "x", "n": 2}', 400, "n=1"),
         ("/v1/completions", b'{"prompt": "x", "max_tokens": 4096}', 400, "maximum context length is 4096"),
     ],
@@ -211,6 +221,7 @@ async def test_invalid_requests_get_openai_errors(
 ) -> None:
     response = await http.post(path, content=body, headers={"content-type": "application/json"})
     assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/json")
     assert fragment in response.json()["error"]["message"]
 
 
@@ -228,7 +239,7 @@ async def test_stop_closes_open_streams_promptly() -> None:
     await replica.start()
     request = {"prompt": "x", "max_tokens": 3000, "stream": True}
     try:
-        async with httpx.AsyncClient(base_url=f"http://{replica.address}", timeout=10) as http:
+        async with client_for(replica) as http:
             async with http.stream("POST", "/v1/completions", json=request) as response:
                 await anext(response.aiter_lines())
                 started = time.monotonic()
@@ -244,9 +255,50 @@ async def test_h100_profile_ttft_matches_its_step_model() -> None:
     """Wall-clock calibration: a cold 1000-token prompt takes one ~36.5 ms prefill step."""
     profile = PROFILES["h100-8b"]
     expected = profile.cost.seconds(1000, 0, 1000)
-    config = SimConfig(profile=profile, served_model_name="sim-model")
-    async with Replica(config) as replica, httpx.AsyncClient(base_url=f"http://{replica.address}") as http:
+    async with run_replicas(profiles=profile, model=MODEL) as (replica,), client_for(replica) as http:
         await http.post("/v1/completions", json={"prompt": "t" * 4000, "max_tokens": 1})
         samples = await scrape(http)
     ttft = value(samples, "vllm:time_to_first_token_seconds_sum")
     assert expected <= ttft < expected + 0.05
+
+
+async def test_clients_leaving_at_any_moment_leave_no_errors_and_no_load(
+    replica: Replica, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Disconnects land before the headers, between chunks or mid-write; none is a server error."""
+    rng = random.Random(3)
+    request = {"prompt": "x" * 40, "max_tokens": 200, "stream": True}
+
+    async def leave_early(session: aiohttp.ClientSession) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(rng.uniform(0, 0.15)):
+                async with session.post(f"http://{replica.address}/v1/completions", json=request) as r:
+                    async for _ in r.content:
+                        pass
+
+    with caplog.at_level(logging.ERROR, logger="aiohttp"):
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(leave_early(session) for _ in range(150)))
+        async with client_for(replica) as http:  # served after all the others: they are settled
+            response = await http.post("/v1/completions", json={"prompt": "y", "max_tokens": 1})
+            assert response.status_code == 200
+    assert [r.getMessage() for r in caplog.records] == []
+    assert replica.engine.running == [] and not replica.engine.waiting and replica.engine.kv.usage == 0
+
+
+async def test_the_pickers_metrics_parser_reads_the_page() -> None:
+    """Contract with picker.datalayer.metrics: load, KV capacity and LoRA state all come across."""
+    config = SimConfig(lora_adapters=("a", "b"), max_loras=1)
+    async with run_replicas(profiles="small", config=config) as (replica,), client_for(replica) as http:
+        first = {"model": "a", "prompt": "x" * 800, "max_tokens": 3000, "stream": True}
+        second = {**first, "model": "b"}
+        async with (
+            http.stream("POST", "/v1/completions", json=first) as a,
+            http.stream("POST", "/v1/completions", json=second),
+        ):
+            await anext(a.aiter_lines())
+            metrics = parse_metrics((await http.get("/metrics")).content)
+    assert (metrics.running, metrics.waiting) == (1, 1)  # one adapter per batch: b waits
+    assert metrics.kv_usage > 0
+    assert (metrics.block_size, metrics.num_gpu_blocks, metrics.max_lora) == (16, 256, 1)
+    assert (metrics.running_loras, metrics.waiting_loras) == ({"a"}, {"b"})
