@@ -23,13 +23,15 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import yaml
+
+from loadtest.processes import log_tail, poll_until, stop_process
 
 ENVOY_DIR = Path(__file__).resolve().parents[1] / "envoy"
 CONFIG_FILES = {"picker": "envoy.yaml", "duplex": "envoy-duplex.yaml", "rr": "envoy-rr.yaml"}
@@ -37,9 +39,6 @@ LISTENER = "inference"
 POOL_CLUSTER = "inference-pool-rr"  # every config: the round-robin pool (fail-open / baseline)
 PICKER_CLUSTER = "picker-extproc"  # picker and duplex configs: the ext_proc servers
 DEFAULT_PICKER = ("127.0.0.1:9002",)
-
-_T = TypeVar("_T")
-
 
 def config_path(config: str) -> Path:
     """The shipped file for a config name ("picker", "duplex" or "rr")."""
@@ -114,21 +113,6 @@ def command(
     if admin_address_path is not None:
         argv += ["--admin-address-path", str(admin_address_path)]
     return argv
-
-
-async def poll_until(
-    probe: Callable[[], Awaitable[_T | None]], *, within: float, what: str, interval: float = 0.05
-) -> _T:
-    """Await `probe()` until it returns something other than None (for external processes)."""
-    try:
-        async with asyncio.timeout(within):
-            while True:
-                result = await probe()
-                if result is not None:
-                    return result
-                await asyncio.sleep(interval)
-    except TimeoutError:
-        raise TimeoutError(f"{what}: not ready after {within:g}s") from None
 
 
 @dataclass
@@ -230,17 +214,6 @@ class Envoy:
             yield cls(process, port, admin_url, log_path, admin)
 
 
-async def stop_process(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if the process has not exited after `grace` seconds."""
-    if process.returncode is None:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), timeout=grace)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-
 def _named(items: list[dict[str, Any]], name: str, *, required: bool = True) -> Any:
     for item in items:
         if item.get("name") == name:
@@ -261,11 +234,6 @@ def _socket_address(address: str) -> dict[str, Any]:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"endpoint {address!r} is not host:port")
     return {"socket_address": {"address": host, "port_value": int(port)}}
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    """The end of a process log, for error messages."""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def _addresses(value: str) -> list[str]:

@@ -24,8 +24,8 @@ import orjson
 from rich.progress import Progress, TaskID
 
 from loadtest.client import ClientJob, ClientResult
-from loadtest.envoy import log_tail, stop_process
 from loadtest.observe import HostCpu, counter_delta, process_cpu, scrape_counters
+from loadtest.processes import log_tail, stop_process
 from loadtest.stack import PoolSpec, Stack, start_stack
 from loadtest.stats import ModeResult, summarize
 from loadtest.workloads import Workload, to_dict

@@ -13,17 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
-import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.envoy import Envoy, log_tail, poll_until, stop_process
+from loadtest.envoy import Envoy
+from loadtest.processes import start_picker
 from loadtest.sim import REPLICA_HEADER, SimProcess, get_profile
 
 MODES = ("direct", "envoy-rr", "picker", "picker-duplex")
@@ -75,14 +72,6 @@ class Stack:
     processes: dict[str, int]  # role -> pid, for CPU accounting
 
 
-def free_port() -> int:
-    """A port free right now (for processes that take a port rather than report one)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.asynccontextmanager
 async def start_stack(
     mode: str, pool: PoolSpec, logs: Path, picker_args: Sequence[str] = ()
@@ -100,9 +89,11 @@ async def start_stack(
         if mode in ENVOY_CONFIGS:
             pickers = []
             if mode in PICKER_MODES:
-                pid, address = await stack.enter_async_context(_picker(replicas, logs, picker_args))
-                processes["picker"] = pid
-                pickers.append(address)
+                picker = await stack.enter_async_context(
+                    start_picker(replicas, logs / "picker.log", picker_args)
+                )
+                processes["picker"] = picker.pid
+                pickers.append(picker.address)
             envoy = await stack.enter_async_context(
                 Envoy.start(ENVOY_CONFIGS[mode], endpoints=replicas, picker=pickers, workdir=logs / "envoy")
             )
@@ -121,45 +112,3 @@ async def _identify(replicas: Sequence[str]) -> tuple[str, dict[str, str]]:
             names[response.headers.get(REPLICA_HEADER, address)] = address
             model: str = response.json()["data"][0]["id"]
     return model, names
-
-
-@contextlib.asynccontextmanager
-async def _picker(
-    endpoints: Sequence[str], logs: Path, extra: Sequence[str]
-) -> AsyncIterator[tuple[int, str]]:
-    """`python -m picker serve` in plaintext; yields (pid, ext_proc address) once it is ready."""
-    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
-    argv = [
-        *("-m", "picker", "serve", "--secure-serving=false", "--grace-period=1"),
-        *("--bind-address", "127.0.0.1", "--grpc-port", str(grpc_port)),
-        *("--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port)),
-        *("--endpoints", ",".join(endpoints), *extra),
-    ]
-    log_path = logs / "picker.log"
-    with log_path.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
-        )
-    try:
-        await _wait_ready(process, health_port, log_path)
-        yield process.pid, f"127.0.0.1:{grpc_port}"
-    finally:
-        await stop_process(process)
-
-
-async def _wait_ready(process: asyncio.subprocess.Process, health_port: int, log_path: Path) -> None:
-    """Until the gRPC health service says `readiness` SERVING (the picker has scraped the pool)."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        request = health_pb2.HealthCheckRequest(service="readiness")
-
-        async def ready() -> bool | None:
-            if process.returncode is not None:
-                raise RuntimeError(f"picker exited with {process.returncode}:\n{log_tail(log_path)}")
-            try:
-                answer = await health.Check(request, timeout=1.0)
-            except grpc.aio.AioRpcError:
-                return None
-            return True if answer.status == health_pb2.HealthCheckResponse.SERVING else None
-
-        await poll_until(ready, within=READY_TIMEOUT, what="picker readiness")

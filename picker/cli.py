@@ -168,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(server.run_until_signalled())
+        runner = asyncio.run
     else:
-        uvloop.run(server.run_until_signalled())
+        runner = uvloop.run
+    try:
+        runner(server.run_until_signalled())
+    except RuntimeError as exc:
+        logging.getLogger("picker").critical("%s: %s", exc, exc.__cause__)
+        return 1
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -77,10 +76,13 @@ class PickerServer:
             self.scheduler,
             Admission(config.saturation, config.metrics),
             log_prompts=options.log_prompts,
+            probe=self.scraper.probe,
+            fast_end=config.metrics.fast_end_probe,
         )
         self.extproc = ExtProcService(self.director, config)
         self.health = Health()
         self._servers: list[grpc.aio.Server] = []
+        self._services: list[asyncio.Task[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_http: object | None = None
         self.grpc_port = options.grpc_port
@@ -109,13 +111,12 @@ class PickerServer:
         http_server, _ = start_http_server(opts.metrics_port, opts.bind_address, registry=telemetry.REGISTRY)
         self._metrics_http = http_server
         self.metrics_port = http_server.server_port
-        self._tasks = [
+        # Discovery and scraping run for the server's life; readiness ends once it is ready.
+        self._services = [
             asyncio.create_task(opts.source.run(self.pool.set_addresses), name="discovery"),
             asyncio.create_task(self.scraper.run(), name="scraper"),
-            asyncio.create_task(self._become_ready(), name="readiness"),
         ]
-        for task in self._tasks:
-            task.add_done_callback(_crash_on_failure)
+        self._tasks = [*self._services, asyncio.create_task(self._become_ready(), name="readiness")]
         log.info(
             "picker serving ext_proc on %s:%d (%s), health on %d, metrics on %d",
             opts.bind_address,
@@ -138,23 +139,23 @@ class PickerServer:
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()  # type: ignore[attr-defined]
 
     async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM/SIGINT; a background task that dies (e.g. discovery without
+        credentials) stops the picker with its error rather than leaving it unready forever."""
         await self.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        await stopping.wait()
+        signalled = asyncio.create_task(stopping.wait())
+        done, _ = await asyncio.wait([signalled, *self._services], return_when=asyncio.FIRST_COMPLETED)
+        failed = next((t for t in done if t is not signalled), None)
+        signalled.cancel()
         log.info("shutting down: draining streams for up to %.0fs", self.options.grace_period)
         await self.stop()
-
-
-def _crash_on_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("background task %s failed", task.get_name(), exc_info=task.exception())
+        if failed is not None:
+            raise RuntimeError(f"{failed.get_name()} stopped") from failed.exception()

@@ -14,19 +14,17 @@ import asyncio
 import contextlib
 import itertools
 import socket
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import orjson
 import pytest
 from aiohttp import web
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.envoy import Envoy, log_tail, poll_until, stop_process
+from loadtest.envoy import Envoy
+from loadtest.processes import PickerProcess, start_picker
 from picker.errors import openai_error_body
 
 MODEL = "fake-model"
@@ -183,14 +181,6 @@ class FakeVLLM:
         return response
 
 
-def free_port() -> int:
-    """A port free right now (for processes that cannot bind port 0 and report it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def refused_address() -> Iterator[str]:
     """ "127.0.0.1:port" where connections are refused: bound, never listening, held all test."""
@@ -236,60 +226,15 @@ async def envoy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Envoy]]
         yield start
 
 
-@dataclass(frozen=True, slots=True)
-class PickerProcess:
-    process: asyncio.subprocess.Process
-    grpc_port: int
-    health_port: int
-    metrics_port: int
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        """The ext_proc address, as `envoy(..., picker=[p.address])` takes it."""
-        return f"127.0.0.1:{self.grpc_port}"
-
-
 @pytest.fixture
 async def picker_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[PickerProcess]]]:
-    """Factory: `await picker_server(endpoints, *extra_cli_args)` -> a ready plaintext picker.
-
-    Written against the `python -m picker serve` CLI contract (--grpc-port, --grpc-health-port,
-    --metrics-port, --secure-serving, --endpoints, --grace-period) and gRPC health service
-    `readiness`; not exercised by the Envoy config tests.
-    """
+    """Factory: `await picker_server(endpoints, *extra_cli_args)` -> a ready plaintext picker
+    (`loadtest.processes.start_picker`), stopped at teardown."""
     runs = itertools.count()
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(endpoints: Sequence[str], *args: str) -> PickerProcess:
-            ports = free_port(), free_port(), free_port()
             log_path = tmp_path / f"picker-{next(runs)}.log"
-            argv = [
-                *("-m", "picker", "serve", "--secure-serving=false", "--grace-period=1"),
-                *("--grpc-port", str(ports[0]), "--grpc-health-port", str(ports[1])),
-                *("--metrics-port", str(ports[2]), "--endpoints", ",".join(endpoints)),
-                *args,
-            ]
-            with log_path.open("ab") as log:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
-                )
-            stack.push_async_callback(stop_process, process)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[1]}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-
-                async def ready() -> bool | None:
-                    if process.returncode is not None:
-                        raise RuntimeError(f"picker exited with {process.returncode}:\n{log_tail(log_path)}")
-                    try:
-                        answer = await health.Check(
-                            health_pb2.HealthCheckRequest(service="readiness"), timeout=1.0
-                        )
-                    except grpc.aio.AioRpcError:
-                        return None
-                    return True if answer.status == health_pb2.HealthCheckResponse.SERVING else None
-
-                await poll_until(ready, within=20.0, what="picker readiness")
-            return PickerProcess(process, *ports, log_path)
+            return await stack.enter_async_context(start_picker(endpoints, log_path, args))
 
         yield start

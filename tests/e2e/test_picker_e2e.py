@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from loadtest.envoy import stop_process
+from loadtest.processes import stop_process
 
 CHAT = "/v1/chat/completions"
 
