@@ -9,7 +9,7 @@ sized like that replica's KV cache, forgets what the replica would have evicted 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import xxhash
 
@@ -32,13 +32,21 @@ def block_hashes(prompt: str, model: str, block_bytes: int, max_blocks: int) -> 
 
 
 class PrefixIndex:
-    """Block hash -> endpoints that were given it, plus one LRU of block hashes per endpoint."""
+    """Block hash -> endpoints that were given it, plus one LRU of block hashes per endpoint.
 
-    __slots__ = ("_lru", "_owners")
+    Owners are a bitmask over small per-endpoint slots, not a set per block: the walk in `match`
+    is integer arithmetic, and the index holds no per-block objects for the garbage collector to
+    scan (a set per block made full collections take ~100 ms once the index was warm).
+    """
+
+    __slots__ = ("_endpoints", "_free", "_lru", "_owners", "_slots")
 
     def __init__(self) -> None:
-        self._owners: dict[int, set[Endpoint]] = {}
+        self._owners: dict[int, int] = {}  # block hash -> bitmask of endpoint slots
         self._lru: dict[Endpoint, OrderedDict[int, None]] = {}
+        self._slots: dict[Endpoint, int] = {}
+        self._endpoints: list[Endpoint] = []  # by slot; a freed slot's entry is stale until reused
+        self._free: list[int] = []
 
     def __len__(self) -> int:
         """Distinct blocks known for any endpoint."""
@@ -49,33 +57,30 @@ class PrefixIndex:
         lru = self._lru.get(endpoint)
         return len(lru) if lru is not None else 0
 
-    def match(self, hashes: Sequence[int], candidates: Iterable[Endpoint]) -> dict[Endpoint, int]:
-        """Length in blocks of each candidate's longest recorded prefix of `hashes` (if > 0).
+    def match(self, hashes: Sequence[int]) -> dict[Endpoint, int]:
+        """Length in blocks of each endpoint's longest recorded prefix of `hashes` (if > 0).
 
-        One walk over the blocks narrows the set of endpoints still matching and stops when it is
-        empty: O(blocks + candidates) set operations instead of a lookup per endpoint per block.
+        Along a prompt the owner masks only ever lose bits (see `record`), so instead of visiting
+        every block a binary search finds each block where some endpoint stops matching: about
+        log2(blocks) lookups per distinct stopping point, and it stops once no endpoint is left.
+        Nothing is looked up per endpoint. Callers read their candidates from the result.
         """
         matched: dict[Endpoint, int] = {}
         owners_of = self._owners.get
-        first = owners_of(hashes[0]) if hashes else None
-        if first is None:
-            return matched
-        alive = first.intersection(candidates)
-        depth = 1
-        if alive:
-            for h in hashes[1:]:
-                owners = owners_of(h)
-                if owners is None:
-                    break
-                if not alive <= owners:
-                    for endpoint in alive - owners:
-                        matched[endpoint] = depth
-                    alive &= owners
-                    if not alive:
-                        break
-                depth += 1
-        for endpoint in alive:
-            matched[endpoint] = depth
+        end = len(hashes)
+        alive = owners_of(hashes[0], 0) if end else 0
+        depth = 1  # blocks known to be held by every endpoint in `alive`
+        while alive:
+            low, high = depth, end  # the first block some endpoint of `alive` lacks is in [low, high]
+            while low < high:
+                mid = (low + high) // 2
+                if owners_of(hashes[mid], 0) & alive == alive:
+                    low = mid + 1
+                else:
+                    high = mid
+            still = alive & owners_of(hashes[low], 0) if low < end else 0
+            self._settle(matched, alive ^ still, low)
+            alive, depth = still, low + 1
         return matched
 
     def record(self, endpoint: Endpoint, hashes: Sequence[int], capacity: int) -> None:
@@ -83,36 +88,67 @@ class PrefixIndex:
 
         The blocks are touched last-to-first so the prefix's first block is the most recent: like
         vLLM, which frees a finished request's blocks tail first, eviction then shortens a prefix
-        from its end and what stays is still a usable prefix.
+        from its end and what stays is still a usable prefix. Since a block's hash also names all
+        the blocks before it, every record touching a block touches its predecessors after it, so
+        an endpoint always holds a leading run of any prompt's blocks: the invariant `match`
+        relies on (only a 64-bit hash collision could break it, and then only a score is off).
         """
         lru = self._lru.get(endpoint)
         if lru is None:
             lru = self._lru[endpoint] = OrderedDict()
+        bit = 1 << self._slot(endpoint)
         owners = self._owners
+        touch = lru.move_to_end
         for h in reversed(hashes):
             if h in lru:
-                lru.move_to_end(h)
+                touch(h)
             else:
                 lru[h] = None
-                holders = owners.get(h)
-                if holders is None:
-                    owners[h] = {endpoint}
-                else:
-                    holders.add(endpoint)
-        while len(lru) > capacity:
-            self._unown(lru.popitem(last=False)[0], endpoint)
+                owners[h] = owners.get(h, 0) | bit
+        evict = lru.popitem
+        for _ in range(len(lru) - capacity):
+            self._unown(evict(last=False)[0], bit)
 
     def drop_endpoint(self, endpoint: Endpoint) -> None:
         """Forget everything recorded for `endpoint` (it left the pool)."""
+        slot = self._slots.pop(endpoint, None)
+        if slot is None:
+            return
+        bit = 1 << slot
         for h in self._lru.pop(endpoint, ()):
-            self._unown(h, endpoint)
+            self._unown(h, bit)
+        self._free.append(slot)
 
     def clear(self) -> None:
         self._owners.clear()
         self._lru.clear()
+        self._slots.clear()
+        self._endpoints.clear()
+        self._free.clear()
 
-    def _unown(self, h: int, endpoint: Endpoint) -> None:
-        holders = self._owners[h]
-        holders.discard(endpoint)
-        if not holders:
+    def _settle(self, matched: dict[Endpoint, int], bits: int, depth: int) -> None:
+        """Record `depth` for every endpoint whose slot bit is set in `bits`."""
+        endpoints = self._endpoints
+        while bits:
+            low = bits & -bits
+            matched[endpoints[low.bit_length() - 1]] = depth
+            bits ^= low
+
+    def _slot(self, endpoint: Endpoint) -> int:
+        slot = self._slots.get(endpoint)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+                self._endpoints[slot] = endpoint
+            else:
+                slot = len(self._endpoints)
+                self._endpoints.append(endpoint)
+            self._slots[endpoint] = slot
+        return slot
+
+    def _unown(self, h: int, bit: int) -> None:
+        mask = self._owners[h] & ~bit
+        if mask:
+            self._owners[h] = mask
+        else:
             del self._owners[h]

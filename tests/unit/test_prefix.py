@@ -96,10 +96,10 @@ def test_index_match_walks_to_the_longest_recorded_prefix() -> None:
     index.record(a, block_hashes(shared + text(3, 4), "m", BLOCK, 256), capacity=100)
     index.record(b, long_prompt[:5], capacity=100)
     index.record(c, long_prompt, capacity=100)
-    assert index.match(long_prompt, [a, b, c]) == {a: 2, b: 5, c: 6}
-    assert index.match(long_prompt, [a, b]) == {a: 2, b: 5}
-    assert index.match(block_hashes(text(9, 3), "m", BLOCK, 256), [a, b, c]) == {}
-    assert index.match([], [a]) == {}
+    assert index.match(long_prompt) == {a: 2, b: 5, c: 6}
+    assert index.match(long_prompt[:4]) == {a: 2, b: 4, c: 4}
+    assert index.match(block_hashes(text(9, 3), "m", BLOCK, 256)) == {}
+    assert index.match([]) == {}
 
 
 def test_index_capacity_evicts_least_recent_and_prefixes_shrink_from_the_tail() -> None:
@@ -109,10 +109,10 @@ def test_index_capacity_evicts_least_recent_and_prefixes_shrink_from_the_tail() 
     index.record(a, old, capacity=4)
     index.record(a, new, capacity=4)  # pushes out old's last two blocks
     assert index.held(a) == 4
-    assert index.match(old, [a]) == {a: 2}
-    assert index.match(new, [a]) == {a: 2}
+    assert index.match(old) == {a: 2}
+    assert index.match(new) == {a: 2}
     index.record(a, new, capacity=2)
-    assert index.match(old, [a]) == {}
+    assert index.match(old) == {}
     assert len(index) == 2
 
 
@@ -123,10 +123,24 @@ def test_index_drop_endpoint_forgets_only_that_endpoint() -> None:
     index.record(a, hashes, capacity=10)
     index.record(b, hashes[:1], capacity=10)
     index.drop_endpoint(a)
-    assert index.match(hashes, [a, b]) == {b: 1}
+    assert index.match(hashes) == {b: 1}
     assert index.held(a) == 0 and len(index) == 1
     index.drop_endpoint(b)
     assert len(index) == 0
+    c = Endpoint("c")  # reuses a freed slot: nothing of a's or b's carries over
+    index.record(c, hashes[:2], capacity=10)
+    assert index.match(hashes) == {c: 2}
+
+
+def test_index_tracks_many_endpoints() -> None:
+    index = PrefixIndex()
+    eps = [Endpoint(f"e{i}") for i in range(300)]
+    hashes = block_hashes(text(1, 300), "m", BLOCK, 300)
+    for i, ep in enumerate(eps):
+        index.record(ep, hashes[: i + 1], capacity=1000)
+    assert index.match(hashes) == {ep: i + 1 for i, ep in enumerate(eps)}
+    index.drop_endpoint(eps[150])
+    assert eps[150] not in index.match(hashes) and index.match(hashes)[eps[299]] == 300
 
 
 # --- the scorer inside the scheduler -------------------------------------------------------------
