@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,12 +31,12 @@ class MaxScorePicker:
     def pick(self, candidates: Sequence[Endpoint], scores: Sequence[float]) -> list[Endpoint]:
         if not candidates:
             return []
-        floor = max(scores) - TIE_TOLERANCE
-        best = [i for i, s in enumerate(scores) if s >= floor]
-        win = best[0] if len(best) == 1 else self.rng.choice(best)
-        chosen = [candidates[win]]
-        if self.fallbacks:
-            others = (i for i in range(len(candidates)) if i != win)
-            rest = heapq.nlargest(self.fallbacks, others, key=scores.__getitem__)
-            chosen.extend(candidates[i] for i in rest)
-        return chosen
+        ranked = sorted(range(len(candidates)), key=scores.__getitem__, reverse=True)
+        floor = scores[ranked[0]] - TIE_TOLERANCE
+        ties = 1
+        while ties < len(ranked) and scores[ranked[ties]] >= floor:
+            ties += 1
+        if ties > 1:  # move a random one of the equal best to the front
+            pick = self.rng.randrange(ties)
+            ranked[0], ranked[pick] = ranked[pick], ranked[0]
+        return [candidates[i] for i in ranked[: self.fallbacks + 1]]

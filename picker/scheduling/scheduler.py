@@ -97,13 +97,13 @@ class Scheduler:
     """Runs one scheduling cycle per request with the plugins `config` names."""
 
     def __init__(self, config: SchedulingConfig, ctx: PluginContext) -> None:
+        for spec in config.scorers:
+            if not (math.isfinite(spec.weight) and spec.weight >= 0):
+                raise ValueError(f"scorer {spec.type!r}: weight must be finite and >= 0")
         self.pool = ctx.pool
         self.filters: list[Filter] = [build_plugin("filter", FILTERS, s, ctx) for s in config.filters]
         self.scorers: list[Scorer] = [build_plugin("scorer", SCORERS, s, ctx) for s in config.scorers]
         self.weights: list[float] = [s.weight for s in config.scorers]
-        for spec in config.scorers:
-            if not (math.isfinite(spec.weight) and spec.weight >= 0):
-                raise ValueError(f"scorer {spec.type!r}: weight must be finite and >= 0")
         self.picker: Picker = build_plugin("picker", PICKERS, config.picker, ctx)
         self.observers: list[PickObserver] = [
             plugin

@@ -22,32 +22,35 @@ from picker.scheduling.prefix import PrefixIndex, block_hashes
 from picker.telemetry import PREFIX_MATCH_RATIO
 
 
-def least_is_best(values: Sequence[float | None]) -> list[float]:
+def least_is_best(values: list[float]) -> list[float]:
     """The reference queue formula (max - v) / (max - min): 1 for the least loaded, 0 for the most.
 
-    All equal -> 1.0 each (nothing to prefer). None (unknown) -> 0.0, and is left out of min/max so
-    an endpoint we know nothing about neither wins nor distorts the others' scale.
+    All equal -> 1.0 each: nothing to prefer.
     """
-    known = values if None not in values else [v for v in values if v is not None]
-    if not known:
-        return [0.0] * len(values)
-    low = min(known)
-    span = max(known) - low
+    if not values:
+        return []
+    low = min(values)
+    span = max(values) - low
     if span <= 0.0:
-        return [0.0 if v is None else 1.0 for v in values]
+        return [1.0] * len(values)
     high = low + span
-    return [0.0 if v is None else (high - v) / span for v in values]
+    return [(high - v) / span for v in values]
 
 
 @dataclass(slots=True)
 class QueueScorer:
-    """Fewer waiting requests (last scrape) is better."""
+    """Fewer waiting requests (last scrape) is better; unknown metrics -> 0."""
 
     name: ClassVar[str] = "queue"
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
 
     def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
-        return least_is_best([ep.metrics.waiting if ep.metrics else None for ep in candidates])
+        known = [m.waiting for ep in candidates if (m := ep.metrics) is not None]
+        if len(known) == len(candidates):
+            return least_is_best(known)
+        # An endpoint we know nothing about scores 0 and stays out of the others' scale.
+        scaled = iter(least_is_best(known))
+        return [0.0 if ep.metrics is None else next(scaled) for ep in candidates]
 
 
 @dataclass(slots=True)
@@ -161,17 +164,16 @@ class PrefixCacheScorer:
         if self.auto_tune:
             self._retune()
         state = self._cycle(request)
-        matched = state.matched = self.index.match(state.hashes, candidates)
+        matched = state.matched = self.index.match(state.hashes)
         if not matched:
             return [0.0] * len(candidates)
+        affine = matched
+        if self.max_load_gap != math.inf:
+            least = min([ep.waiting + ep.inflight_requests for ep in candidates])
+            limit = least + self.max_load_gap + self.relative_load_gap * least
+            affine = {ep: n for ep, n in matched.items() if ep.waiting + ep.inflight_requests <= limit}
         total = len(state.hashes)
-        scores = [matched.get(ep, 0) / total for ep in candidates]
-        if self.max_load_gap == math.inf:
-            return scores
-        loads = [ep.waiting + ep.inflight_requests for ep in candidates]
-        least = min(loads)
-        limit = least + self.max_load_gap + self.relative_load_gap * least
-        return [s if load <= limit else 0.0 for s, load in zip(scores, loads, strict=True)]
+        return [affine.get(ep, 0) / total for ep in candidates]
 
     def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         state = self._cycle(request)
