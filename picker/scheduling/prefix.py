@@ -16,6 +16,10 @@ import xxhash
 from picker.datalayer.endpoint import Endpoint
 
 _xxh64 = xxhash.xxh64_intdigest
+# The block -> owners map is split so that no single dict grows huge: a dict rebuilds its whole
+# table when it grows or has churned, and at ~1M entries that stalls the event loop for ~20 ms.
+_SHARDS = 64
+_SHARD_MASK = _SHARDS - 1
 
 
 def block_hashes(prompt: str, model: str, block_bytes: int, max_blocks: int) -> list[int]:
@@ -42,7 +46,8 @@ class PrefixIndex:
     __slots__ = ("_endpoints", "_free", "_lru", "_owners", "_slots")
 
     def __init__(self) -> None:
-        self._owners: dict[int, int] = {}  # block hash -> bitmask of endpoint slots
+        # block hash -> bitmask of endpoint slots, sharded by the hash's low bits
+        self._owners: list[dict[int, int]] = [{} for _ in range(_SHARDS)]
         self._lru: dict[Endpoint, OrderedDict[int, None]] = {}
         self._slots: dict[Endpoint, int] = {}
         self._endpoints: list[Endpoint] = []  # by slot; a freed slot's entry is stale until reused
@@ -50,7 +55,7 @@ class PrefixIndex:
 
     def __len__(self) -> int:
         """Distinct blocks known for any endpoint."""
-        return len(self._owners)
+        return sum(map(len, self._owners))
 
     def held(self, endpoint: Endpoint) -> int:
         """Blocks currently recorded for `endpoint`."""
@@ -66,19 +71,19 @@ class PrefixIndex:
         Nothing is looked up per endpoint. Callers read their candidates from the result.
         """
         matched: dict[Endpoint, int] = {}
-        owners_of = self._owners.get
+        mask = self._mask
         end = len(hashes)
-        alive = owners_of(hashes[0], 0) if end else 0
+        alive = mask(hashes[0]) if end else 0
         depth = 1  # blocks known to be held by every endpoint in `alive`
         while alive:
             low, high = depth, end  # the first block some endpoint of `alive` lacks is in [low, high]
             while low < high:
                 mid = (low + high) // 2
-                if owners_of(hashes[mid], 0) & alive == alive:
+                if mask(hashes[mid]) & alive == alive:
                     low = mid + 1
                 else:
                     high = mid
-            still = alive & owners_of(hashes[low], 0) if low < end else 0
+            still = alive & mask(hashes[low]) if low < end else 0
             self._settle(matched, alive ^ still, low)
             alive, depth = still, low + 1
         return matched
@@ -97,13 +102,14 @@ class PrefixIndex:
         if lru is None:
             lru = self._lru[endpoint] = OrderedDict()
         bit = 1 << self._slot(endpoint)
-        owners = self._owners
+        shards = self._owners
         touch = lru.move_to_end
         for h in reversed(hashes):
             if h in lru:
                 touch(h)
             else:
                 lru[h] = None
+                owners = shards[h & _SHARD_MASK]
                 owners[h] = owners.get(h, 0) | bit
         evict = lru.popitem
         for _ in range(len(lru) - capacity):
@@ -120,11 +126,16 @@ class PrefixIndex:
         self._free.append(slot)
 
     def clear(self) -> None:
-        self._owners.clear()
+        for shard in self._owners:
+            shard.clear()
         self._lru.clear()
         self._slots.clear()
         self._endpoints.clear()
         self._free.clear()
+
+    def _mask(self, h: int) -> int:
+        """Slots of the endpoints holding block `h`."""
+        return self._owners[h & _SHARD_MASK].get(h, 0)
 
     def _settle(self, matched: dict[Endpoint, int], bits: int, depth: int) -> None:
         """Record `depth` for every endpoint whose slot bit is set in `bits`."""
@@ -147,8 +158,9 @@ class PrefixIndex:
         return slot
 
     def _unown(self, h: int, bit: int) -> None:
-        mask = self._owners[h] & ~bit
+        owners = self._owners[h & _SHARD_MASK]
+        mask = owners[h] & ~bit
         if mask:
-            self._owners[h] = mask
+            owners[h] = mask
         else:
-            del self._owners[h]
+            del owners[h]
