@@ -152,15 +152,13 @@ def _command(argv: Sequence[str]) -> str:
     return shlex.join(["python", "-m", "loadtest", *argv])
 
 
-async def execute(plan: RunPlan, command: str, console: Console) -> report.Results:
+async def execute(plan: RunPlan, results: report.Results, console: Console) -> None:
     """Run the plan under a live progress bar; results.json is rewritten after every mode."""
-    results = report.Results(plan.workload_name, {"command": command, **plan.describe()})
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         async for concurrency, mode, result in run_plan(plan, progress):
             results.add(concurrency, mode, result)
             await asyncio.to_thread(report.write_json, results, plan.out)
-    return results
 
 
 def print_results(console: Console, results: report.Results) -> None:
@@ -201,10 +199,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         console = Console(width=120)
     command = _command(argv)
     console.print(f"[bold]{command}[/]: {plan.workload_name} {asdict(plan.workload)}, writing to {plan.out}")
+    results = report.Results(plan.workload_name, {"command": command, **plan.describe()})
+    failure = None
     try:
-        results = asyncio.run(execute(plan, command, console))
+        asyncio.run(execute(plan, results, console))
     except KeyboardInterrupt:
-        raise SystemExit("interrupted; every process started was stopped") from None
-    path = report.write(results, plan.out)
-    print_results(console, results)
-    console.print(f"Report: [bold]{path}[/] (data: {plan.out / 'results.json'})")
+        failure = "interrupted"
+    except (RuntimeError, TimeoutError, OSError) as exc:  # a process failed to start or died
+        failure = f"{type(exc).__name__}: {exc}"
+    if results.runs:  # whatever was measured is still reported
+        path = report.write(results, plan.out)
+        print_results(console, results)
+        console.print(f"Report: [bold]{path}[/] (data: {plan.out / 'results.json'})")
+    if failure is not None:
+        logs = plan.out / "logs"
+        raise SystemExit(f"error: {failure}\n(every process started was stopped; logs in {logs})")

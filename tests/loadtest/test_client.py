@@ -1,0 +1,122 @@
+"""The load client against simulated replicas, and how it classifies failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from loadtest.client import Client, ClientJob, request_body, stream_request
+from loadtest.observe import scrape_counters
+from loadtest.processes import free_port
+from loadtest.sim import run_replicas
+from loadtest.workloads import MultiTurn, Session, Uniform, to_dict
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        yield session
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
+    """Factory: an in-process server whose /v1/completions runs `handler`; returns its base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Handler) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        runner = web.AppRunner(app, handler_cancellation=True)  # a client leaving ends its handler
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def completion(max_tokens: int = 8) -> dict[str, object]:
+    return request_body("m", Session(("hello " * 20,), (max_tokens,), chat=False), 0, [])
+
+
+async def test_a_streamed_chat_is_timed_per_chunk(http: aiohttp.ClientSession) -> None:
+    async with run_replicas(1, speed=50.0) as replicas:
+        body = request_body(replicas[0].config.model_name, Session(("question " * 30,), (12,)), 0, [])
+        outcome = await stream_request(http, f"http://{replicas[0].address}/v1/chat/completions", body)
+    assert outcome.error is None
+    assert outcome.replica == "0"
+    assert outcome.output_tokens == 12 and outcome.prompt_tokens > 60
+    assert outcome.ttft is not None and 0 < outcome.ttft < outcome.e2e
+    assert 1 <= len(outcome.itl) <= 11 and sum(outcome.itl) <= outcome.e2e - outcome.ttft
+    assert len(outcome.text) == 12 * 4  # the simulator's tokens are 4 characters
+
+
+async def test_multi_turn_resends_answers_so_later_turns_hit_the_cache(tmp_path: Path) -> None:
+    workload = to_dict(MultiTurn(turns=3, first_tokens=200, turn_tokens=20, output_tokens=16))
+    async with run_replicas(1, speed=50.0) as replicas:
+        replica = replicas[0]
+        job = ClientJob(
+            index=0, shares=[2], targets=[f"http://{replica.address}"], model=replica.config.model_name,
+            workload=workload, seed=3, result_path=str(tmp_path / "r.json"), max_requests=9,
+        )  # fmt: skip
+        async with aiohttp.ClientSession() as http:
+            result = await Client(job, http).run()
+        page = (await scrape_counters([replica.address]))[replica.address]
+    assert result.completed == 9 and not result.errors
+    assert result.replicas == {"0": 9}
+    # Turns 2 and 3 of each conversation find at least the first turn's 200 prompt tokens cached.
+    assert page["vllm:prefix_cache_hits_total"] >= 6 * 192
+
+
+@pytest.mark.parametrize("kind", ["http", "no-done", "cut", "slow"])
+async def test_failures_are_classified(kind: str, serve, tmp_path: Path) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if kind == "http":
+            return web.json_response({"error": "busy"}, status=503)
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"index": 0, "text": " abc"}]}\n\n')
+        if kind == "cut":
+            assert request.transport is not None
+            request.transport.close()
+        elif kind == "slow":
+            await asyncio.Event().wait()  # hangs until the client gives up
+        await response.write_eof()
+        return response
+
+    url = await serve(handler)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as http:
+        outcome = await stream_request(http, f"{url}/v1/completions", completion())
+    expected = {"http": "http_503", "no-done": "truncated", "cut": "truncated", "slow": "timeout"}
+    assert outcome.error == expected[kind]
+
+
+async def test_nothing_listening_is_a_connection_error(http: aiohttp.ClientSession) -> None:
+    outcome = await stream_request(http, f"http://127.0.0.1:{free_port()}/v1/completions", completion())
+    assert outcome.error == "connection"
+
+
+async def test_errors_are_counted_and_the_run_still_ends(serve, tmp_path: Path) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": "no"}, status=429)
+
+    url = await serve(refuse)
+    workload = to_dict(Uniform(input_tokens=8, output_tokens=2))
+    job = ClientJob(
+        index=0, shares=[3], targets=[url], model="m", workload=workload, seed=0,
+        result_path=str(tmp_path / "r.json"), max_requests=7,
+    )  # fmt: skip
+    async with aiohttp.ClientSession() as http:
+        result = await Client(job, http).run()
+    assert result.completed == 0 and result.errors == {"http_429": 7}
+    assert not result.ttft

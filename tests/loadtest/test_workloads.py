@@ -1,0 +1,80 @@
+"""Workloads: lengths, prefix sharing, sizing to the KV cache, and how clients split the stream."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from loadtest.workloads import (
+    MultiTurn,
+    SharedPrefix,
+    Uniform,
+    assigned_sessions,
+    from_dict,
+    to_dict,
+    with_params,
+)
+from picker.request import CHARS_PER_TOKEN
+
+
+def take(workload, n: int, seed: int = 0):
+    return list(itertools.islice(workload.sessions(random.Random(seed)), n))
+
+
+def test_uniform_lengths_fall_in_the_range_and_prompts_share_no_block() -> None:
+    sessions = take(Uniform(input_tokens=100, output_tokens=50, range_ratio=0.8), 300)
+    inputs = [len(s.prompts[0]) // CHARS_PER_TOKEN for s in sessions]
+    outputs = [s.max_tokens[0] for s in sessions]
+    assert min(inputs) >= 80 and max(inputs) <= 100 and len(set(inputs)) > 10
+    assert min(outputs) >= 40 and max(outputs) <= 50
+    assert all(not s.chat and s.system is None for s in sessions)
+    first_blocks = {s.prompts[0][: 16 * CHARS_PER_TOKEN] for s in sessions}
+    assert len(first_blocks) == len(sessions)
+
+
+def test_shared_prefix_reuses_exactly_its_groups_system_prompts() -> None:
+    workload = SharedPrefix(groups=5, prefix_tokens=64, question_tokens=8, output_tokens=4)
+    sessions = take(workload, 200)
+    assert len({s.system for s in sessions}) == 5
+    assert {len(s.system or "") for s in sessions} == {64 * CHARS_PER_TOKEN}
+    assert len({s.prompts[0] for s in sessions}) == 200  # every question is new
+
+
+def test_shared_prefix_is_sized_to_exceed_one_replica_and_fit_the_pool() -> None:
+    kv_tokens, replicas = 32_768, 4
+    workload = SharedPrefix(prefix_tokens=4000).sized_for(kv_tokens, replicas)
+    total = workload.groups * workload.prefix_tokens
+    assert kv_tokens < total <= replicas * kv_tokens
+    assert total >= 0.75 * replicas * kv_tokens
+
+
+def test_multi_turn_sessions_have_all_their_turns() -> None:
+    session = take(MultiTurn(turns=3, first_tokens=40, turn_tokens=8, output_tokens=5), 1)[0]
+    assert [len(p) // CHARS_PER_TOKEN for p in session.prompts] == [40, 8, 8]
+    assert session.max_tokens == (5, 5, 5) and session.chat
+
+
+def test_same_seed_same_stream_and_round_trip_through_a_dict() -> None:
+    workload = SharedPrefix(groups=3, prefix_tokens=32, question_tokens=4)
+    assert from_dict(to_dict(workload)) == workload
+    assert take(workload, 20, seed=7) == take(from_dict(to_dict(workload)), 20, seed=7)
+    assert take(workload, 20, seed=7) != take(workload, 20, seed=8)
+
+
+def test_with_params_converts_types_and_rejects_unknown_names() -> None:
+    changed = with_params(Uniform(), {"output_tokens": "16", "range_ratio": "1"})
+    assert changed == Uniform(output_tokens=16, range_ratio=1.0)
+    with pytest.raises(ValueError, match="no parameter groups"):
+        with_params(Uniform(), {"groups": "3"})
+
+
+def test_clients_split_the_stream_by_share_and_stop_at_the_request_count() -> None:
+    workload = MultiTurn(turns=3, first_tokens=8, turn_tokens=4, output_tokens=2)
+    shares = [3, 1]
+    parts = [list(assigned_sessions(workload, 1, shares, i, max_requests=100)) for i in range(2)]
+    assert sum(len(s) for part in parts for s in part) == 100  # the last session is cut short
+    assert len(parts[0]) == pytest.approx(3 * len(parts[1]), abs=3)
+    first_prompts = [s.prompts[0] for part in parts for s in part]
+    assert len(set(first_prompts)) == len(first_prompts)  # nobody sends a session twice
