@@ -17,7 +17,7 @@ from picker.datalayer.endpoint import Endpoint
 
 _xxh64 = xxhash.xxh64_intdigest
 # The block -> owners map is split so that no single dict grows huge: a dict rebuilds its whole
-# table when it grows or has churned, and at ~1M entries that stalls the event loop for ~20 ms.
+# table when it grows or has churned, and at ~300k entries that stalled the event loop ~15 ms.
 _SHARDS = 64
 _SHARD_MASK = _SHARDS - 1
 
