@@ -10,7 +10,7 @@ scheduling:
   picker: {type: max-score, params: {fallbacks: 2}}
 objectives: {critical: 100, default: 0, batch: -1}   # x-gateway-inference-objective -> priority
 saturation: {queue_threshold: 5, kv_threshold: 0.8, retry_after_seconds: 1}
-metrics: {scrape_interval: 0.1, stale_after: 2.0, timeout: 1.0}
+metrics: {scrape_interval: 0.1, stale_after: 2.0, timeout: 1.0, fast_end_probe: 0.02}
 limits: {max_body_bytes: 8388608, max_prefix_chars: 16384}
 ```
 """
@@ -64,6 +64,9 @@ class MetricsConfig:
     stale_after: float = 2.0  # metrics older than this make the endpoint unroutable
     timeout: float = 1.0  # per scrape
     path: str = "/metrics"
+    # An exchange that ends this soon after its pick (a refused connection does) makes the
+    # scraper probe its endpoint at once, at most once per scrape_interval; 0 turns it off.
+    fast_end_probe: float = 0.02
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from picker import telemetry
@@ -25,6 +26,7 @@ class Routed:
     endpoint: Endpoint
     destinations: str  # the pick, then fallbacks: "ip:port[,ip:port...]"
     tokens: int  # prompt tokens held on the endpoint while the exchange lasts
+    picked_at: float  # perf_counter() at the decision
 
 
 @dataclass(slots=True)
@@ -42,11 +44,18 @@ class Director:
         admission: Admission,
         *,
         log_prompts: bool = False,
+        probe: Callable[[Endpoint], object] | None = None,
+        fast_end: float = 0.0,
     ) -> None:
+        """`probe(endpoint)` is called when an exchange ends within `fast_end` seconds of its
+        pick: with responses skipped that is the only sign of a refused connection (Envoy's
+        local 503) the picker gets, long before the next scrape would tell."""
         self.pool = pool
         self.scheduler = scheduler
         self.admission = admission
         self.log_prompts = log_prompts
+        self.probe = probe
+        self.fast_end = fast_end
 
     def route(self, request: InferenceRequest) -> Routed | Refused:
         started = time.perf_counter()
@@ -75,10 +84,12 @@ class Director:
                 result.reason,
                 f" prompt={request.prompt[:200]!r}" if self.log_prompts else "",
             )
-        return Routed(chosen, ",".join(e.address for e in result.endpoints), tokens)
+        return Routed(chosen, ",".join(e.address for e in result.endpoints), tokens, started)
 
     def release(self, routed: Routed) -> None:
         self._hold(routed.endpoint, -1, -routed.tokens)
+        if self.probe is not None and time.perf_counter() - routed.picked_at < self.fast_end:
+            self.probe(routed.endpoint)
 
     def moved(self, routed: Routed, served_address: str) -> Routed:
         """The gateway served the request elsewhere (a fallback): move what we hold there."""
@@ -87,7 +98,7 @@ class Director:
             return routed
         self.release(routed)
         self._hold(served, 1, routed.tokens)
-        return Routed(served, routed.destinations, routed.tokens)
+        return Routed(served, routed.destinations, routed.tokens, routed.picked_at)
 
     @staticmethod
     def _hold(endpoint: Endpoint, requests: int, tokens: int) -> None:

@@ -105,6 +105,7 @@ class Scraper:
             trust_env=False,  # pod addresses must never go through an HTTP(S)_PROXY from the env
         )
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._probed: dict[str, float] = {}  # address -> loop time of its last out-of-band probe
         self._gauged: dict[str, Endpoint] = {}  # endpoints whose gauge series are bound
         self._first_round: set[asyncio.Task[None]] | None = None
         self._callbacks: list[Callable[[Endpoint], None]] = []
@@ -146,20 +147,37 @@ class Scraper:
         if self._own_client:
             await self._client.aclose()
 
+    def probe(self, endpoint: Endpoint) -> asyncio.Task[None] | None:
+        """Scrape `endpoint` now, out of band: a request to it ended suspiciously fast (Envoy
+        answers a refused connection at once), so learn whether it is gone without waiting for
+        the next tick. Bounded: never while a scrape of it is under way, and at most one probe
+        per endpoint per scrape interval, so probes can at most double the scrape rate.
+        Returns the probe's scrape task, or None when it was not started."""
+        address = endpoint.address
+        if address in self._inflight or self._pool.get(address) is not endpoint:
+            return None
+        now = asyncio.get_running_loop().time()
+        if now - self._probed.get(address, -math.inf) < self._config.scrape_interval:
+            return None
+        self._probed[address] = now
+        return self._start(endpoint)
+
     def _launch(self) -> list[asyncio.Task[None]]:
         """Start a scrape for each endpoint without one under way; all current scrape tasks."""
         tasks: list[asyncio.Task[None]] = []
         for endpoint in self._pool.endpoints:
             task = self._inflight.get(endpoint.address)
-            if task is None:
-                self._bind_gauges(endpoint)
-                task = asyncio.create_task(self._scrape(endpoint), name=f"scrape {endpoint.address}")
-                self._inflight[endpoint.address] = task
-                task.add_done_callback(partial(self._scrape_done, endpoint.address))
-            tasks.append(task)
+            tasks.append(task or self._start(endpoint))
         if tasks and self._first_round is None and self._pool.synced.is_set():
             self._first_round = set(tasks)
         return tasks
+
+    def _start(self, endpoint: Endpoint) -> asyncio.Task[None]:
+        self._bind_gauges(endpoint)
+        task = asyncio.create_task(self._scrape(endpoint), name=f"scrape {endpoint.address}")
+        self._inflight[endpoint.address] = task
+        task.add_done_callback(partial(self._scrape_done, endpoint.address))
+        return task
 
     def _bind_gauges(self, endpoint: Endpoint) -> None:
         """Age and routability are read from the endpoint when Prometheus collects: always
@@ -239,6 +257,7 @@ class Scraper:
         if task is not None:
             task.cancel()
         self._gauged.pop(address, None)
+        self._probed.pop(address, None)
         if self._transport is not None:
             self._transport.forget(address)
         forget_endpoint(address)
