@@ -199,6 +199,8 @@ class _Stream:
         return answers
 
     def _route(self, body: bytes, complete: bool) -> Routed | Refused:
+        if self.routed is not None:  # one decision per stream: a repeated message (a gateway
+            return self.routed  # bug, or hostile) must not hold a second endpoint, never released
         request = self.request
         if body:
             try:
