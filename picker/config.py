@@ -13,6 +13,16 @@ saturation: {queue_threshold: 5, kv_threshold: 0.8, retry_after_seconds: 1}
 metrics: {scrape_interval: 0.1, stale_after: 2.0, timeout: 1.0, fast_end_probe: 0.02}
 limits: {max_body_bytes: 8388608, max_prefix_chars: 16384}
 ```
+
+Limits on what one request may cost the picker (its event loop serves every request):
+- `limits.max_body_bytes` (8 MiB): a larger body is answered 413 in every body mode. The shipped
+  Envoy configs buffer exactly this much (`per_connection_buffer_limit_bytes`, Envoy answers 413
+  itself above it) and the gRPC receive limit is this plus 1 MiB of message overhead, so raise
+  the three together.
+- `limits.max_prefix_chars` (16384 = 256 blocks x 64 chars, the prefix scorer's reach): prompt
+  characters kept and hashed; past it, arrays of messages or token ids are not walked.
+- JSON nesting: orjson's fixed limit of 1024 levels (deeper JSON bodies are a 400). Not
+  configurable: it is the parser's, and the picker reads no deeper than three levels itself.
 """
 
 from __future__ import annotations

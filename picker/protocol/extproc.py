@@ -47,6 +47,7 @@ SERVED_KEY = "x-gateway-destination-endpoint-served"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 
 _NO_ANSWER: tuple[bytes, ...] = ()
+_TOO_LARGE = Refused(413, "request body is larger than the picker accepts (limits.max_body_bytes)")
 
 
 class ExtProcService:
@@ -163,7 +164,7 @@ class _Stream:
                 return (streamed_body(Phase.REQUEST_BODY, body, end_of_stream),)
             self.size += len(body)
             if self.size > self.service.config.limits.max_body_bytes:
-                return self._refuse(Refused(413, "request body is larger than the picker accepts"))
+                return self._refuse(_TOO_LARGE)
             if body:
                 self.chunks.append(body)
             if end_of_stream:
@@ -174,6 +175,9 @@ class _Stream:
         # BUFFERED: the whole body in one message (end_of_stream is false when trailers follow).
         # BUFFERED_PARTIAL: possibly a cut-off prefix, which must not be mistaken for bad JSON.
         complete = end_of_stream or mode != BUFFERED_PARTIAL
+        if complete and len(body) > self.service.config.limits.max_body_bytes:
+            # A gateway buffering more than the picker accepts: the same answer in every mode.
+            return self._refuse(_TOO_LARGE)
         return self._decide(Phase.REQUEST_BODY, body, complete)
 
     def _decide(self, phase: Phase, body: bytes = b"", complete: bool = True) -> tuple[bytes, ...]:
