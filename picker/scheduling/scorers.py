@@ -22,19 +22,20 @@ from picker.scheduling.prefix import PrefixIndex, block_hashes
 from picker.telemetry import PREFIX_MATCH_RATIO
 
 
-def least_is_best(values: list[float]) -> list[float]:
+def least_is_best(values: list[float], min_span: float = 0.0) -> list[float]:
     """The reference queue formula (max - v) / (max - min): 1 for the least loaded, 0 for the most.
 
-    All equal -> 1.0 each: nothing to prefer.
+    All equal -> 1.0 each: nothing to prefer. `min_span` keeps small differences small: the range
+    is at least that wide, so one request more than the least loaded does not cost the full
+    weight (which would let any load wobble override a prefix-cache hit).
     """
     if not values:
         return []
     low = min(values)
-    span = max(values) - low
+    span = max(max(values) - low, min_span)
     if span <= 0.0:
         return [1.0] * len(values)
-    high = low + span
-    return [(high - v) / span for v in values]
+    return [1.0 - (v - low) / span for v in values]
 
 
 @dataclass(slots=True)
@@ -43,13 +44,14 @@ class QueueScorer:
 
     name: ClassVar[str] = "queue"
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
+    min_span: float = 4.0  # waiting requests; 0 is the reference EPP's pure min-max
 
     def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
         known = [m.waiting for ep in candidates if (m := ep.metrics) is not None]
         if len(known) == len(candidates):
-            return least_is_best(known)
+            return least_is_best(known, self.min_span)
         # An endpoint we know nothing about scores 0 and stays out of the others' scale.
-        scaled = iter(least_is_best(known))
+        scaled = iter(least_is_best(known, self.min_span))
         return [0.0 if ep.metrics is None else next(scaled) for ep in candidates]
 
 
@@ -78,15 +80,18 @@ class InflightLoadScorer:
     name: ClassVar[str] = "inflight-load"
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
     measure: str = "requests"  # "requests" or "tokens"
+    min_span: float = -1.0  # in units of `measure`; < 0: 4 requests or 4,096 tokens
 
     def __post_init__(self) -> None:
         if self.measure not in ("requests", "tokens"):
             raise ValueError(f"measure must be 'requests' or 'tokens', not {self.measure!r}")
+        if self.min_span < 0:
+            self.min_span = 4.0 if self.measure == "requests" else 4096.0
 
     def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
         if self.measure == "requests":
-            return least_is_best([ep.inflight_requests for ep in candidates])
-        return least_is_best([ep.inflight_tokens for ep in candidates])
+            return least_is_best([ep.inflight_requests for ep in candidates], self.min_span)
+        return least_is_best([ep.inflight_tokens for ep in candidates], self.min_span)
 
 
 @dataclass(slots=True)

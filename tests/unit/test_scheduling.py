@@ -91,8 +91,17 @@ def test_queue_scorer_reference_formula() -> None:
     assert scores(QueueScorer(), endpoint("a", 7)) == [1.0]
 
 
+def test_small_load_differences_cost_little_below_the_minimum_span() -> None:
+    assert scores(QueueScorer(), endpoint("a", 0), endpoint("b", 1)) == [1.0, 0.75]
+    assert scores(QueueScorer(min_span=0), endpoint("a", 0), endpoint("b", 1)) == [1.0, 0.0]
+    a, b = endpoint("a", inflight=3), endpoint("b", inflight=5)
+    assert scores(InflightLoadScorer(), a, b) == [1.0, 0.5]
+    a.inflight_tokens, b.inflight_tokens = 0, 1024
+    assert scores(InflightLoadScorer(measure="tokens"), a, b) == [1.0, 0.75]
+
+
 def test_queue_scorer_unknown_metrics_score_zero_and_do_not_set_the_scale() -> None:
-    got = scores(QueueScorer(), endpoint("a", None), endpoint("b", 2), endpoint("c", 4))
+    got = scores(QueueScorer(), endpoint("a", None), endpoint("b", 2), endpoint("c", 6))
     assert got == [0.0, 1.0, 0.0]
     assert scores(QueueScorer(), endpoint("a", None), endpoint("b", 2)) == [0.0, 1.0]
     assert scores(QueueScorer(), endpoint("a", None)) == [0.0]
@@ -111,7 +120,7 @@ def test_kv_cache_scorer_is_free_fraction() -> None:
 
 def test_inflight_scorer_by_requests_or_tokens() -> None:
     a, b, c = endpoint("a", inflight=0), endpoint("b", inflight=2), endpoint("c", inflight=4)
-    a.inflight_tokens, b.inflight_tokens, c.inflight_tokens = 900, 100, 500
+    a.inflight_tokens, b.inflight_tokens, c.inflight_tokens = 9000, 1000, 5000
     assert scores(InflightLoadScorer(), a, b, c) == [1.0, 0.5, 0.0]
     assert scores(InflightLoadScorer(measure="tokens"), a, b, c) == [0.0, 1.0, 0.5]
     assert scores(InflightLoadScorer(), a) == [1.0]
