@@ -133,10 +133,16 @@ class PickerServer:
         log.info("ready: %d endpoints known", len(self.pool))
 
     async def stop(self, grace: float | None = None) -> None:
-        """Readiness goes NOT_SERVING at once; streams in flight get `grace` seconds to finish."""
+        """Readiness goes NOT_SERVING at once; streams in flight get `grace` seconds to finish.
+
+        The health server stays up until the ext_proc server has drained, so probes read
+        NOT_SERVING (rather than a refused connection) while in-flight exchanges complete.
+        """
         grace = self.options.grace_period if grace is None else grace
         await self.health.set_ready(False)
-        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        main, health = self._servers
+        await main.stop(grace)
+        await health.stop(0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
