@@ -136,11 +136,16 @@ def _chat_messages(messages: object, parts: _PromptBuilder) -> None:
             return
         if not isinstance(message, dict):
             raise BadRequest("each message must be an object")
-        role = message.get("role")
-        parts.add(role if isinstance(role, str) else "")
-        parts.add("\n")
-        _content(message.get("content"), parts)
-        parts.add("\n")
+        _message(message, parts)
+
+
+def _message(message: dict[str, object], parts: _PromptBuilder) -> None:
+    """A chat message or a responses input item: its role, then its content."""
+    role = message.get("role")
+    parts.add(role if isinstance(role, str) else "")
+    parts.add("\n")
+    _content(message.get("content"), parts)
+    parts.add("\n")
 
 
 def _content(content: object, parts: _PromptBuilder) -> None:
@@ -149,8 +154,6 @@ def _content(content: object, parts: _PromptBuilder) -> None:
         parts.add(content)
     elif isinstance(content, list):
         for part in content:
-            if parts.full():
-                return
             if isinstance(part, dict):
                 text = part.get("text")
                 if isinstance(text, str):
@@ -162,23 +165,37 @@ def _content(content: object, parts: _PromptBuilder) -> None:
 
 
 def _completion_prompt(prompt: object, parts: _PromptBuilder) -> None:
-    if isinstance(prompt, str):
-        parts.add(prompt)
-    elif isinstance(prompt, list):
-        if prompt and isinstance(prompt[0], int):
-            _token_ids(prompt, parts)
+    """`/v1/completions` prompt: a string, token ids, or an array of strings / token-id arrays."""
+    _text_or_tokens(prompt, parts, "prompt", items=False)
+
+
+def _responses_input(value: object, parts: _PromptBuilder) -> None:
+    """`/v1/responses` and `/v1/embeddings` input: as a prompt, or an array of input items."""
+    _text_or_tokens(value, parts, "input", items=True)
+
+
+def _text_or_tokens(value: object, parts: _PromptBuilder, field: str, *, items: bool) -> None:
+    if isinstance(value, str):
+        parts.add(value)
+        return
+    if not isinstance(value, list):
+        raise BadRequest(f"'{field}' must be a string or an array")
+    if value and isinstance(value[0], int):
+        _token_ids(value, parts)
+        return
+    for item in value:
+        if parts.full():
             return
-        for item in prompt:
-            if parts.full():
-                return
-            if isinstance(item, str):
-                parts.add(item)
-            elif isinstance(item, list):
-                _token_ids(item, parts)
-            else:
-                raise BadRequest("'prompt' must be a string, an array of strings or token ids")
-    else:
-        raise BadRequest("'prompt' must be a string, an array of strings or token ids")
+        if isinstance(item, str):
+            parts.add(item)
+        elif isinstance(item, list):
+            _token_ids(item, parts)
+        elif items and isinstance(item, dict):
+            _message(item, parts)
+        else:
+            raise BadRequest(
+                f"'{field}' items must be strings or token ids" + (" or objects" if items else "")
+            )
 
 
 def _token_ids(ids: list[object], parts: _PromptBuilder) -> None:
@@ -189,31 +206,3 @@ def _token_ids(ids: list[object], parts: _PromptBuilder) -> None:
         if not isinstance(token, int):
             raise BadRequest("token-id prompts must contain only integers")
         parts.add(f"{token:>{CHARS_PER_TOKEN}}"[-CHARS_PER_TOKEN:])
-
-
-def _responses_input(value: object, parts: _PromptBuilder) -> None:
-    """`/v1/responses` and `/v1/embeddings` input: a string, strings, token ids or input items."""
-    if isinstance(value, str):
-        parts.add(value)
-    elif isinstance(value, list):
-        if value and isinstance(value[0], int):
-            _token_ids(value, parts)
-            return
-        for item in value:
-            if parts.full():
-                return
-            if isinstance(item, str):
-                parts.add(item)
-            elif isinstance(item, list):
-                _token_ids(item, parts)
-            elif isinstance(item, dict):
-                role = item.get("role")
-                if isinstance(role, str):
-                    parts.add(role)
-                    parts.add("\n")
-                _content(item.get("content"), parts)
-                parts.add("\n")
-            else:
-                raise BadRequest("'input' items must be strings, token ids or objects")
-    else:
-        raise BadRequest("'input' must be a string or an array")
