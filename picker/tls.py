@@ -32,6 +32,8 @@ def self_signed(hostname: str = "picker") -> tuple[bytes, bytes]:
             ),
             critical=False,
         )
+        # Its own CA, so a client may also pin it as the trust root instead of skipping checks.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(
