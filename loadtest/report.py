@@ -156,14 +156,15 @@ def _mode_details(mode: str, r: ModeResult) -> list[str]:
         f"client process(es); errors: {errors}; preemptions: {r.preemptions}; "
         f"{r.input_tokens:,} prompt and {r.output_tokens:,} output tokens.",
         "",
-        "| replica | requests | prefix hit rate |",
-        "| --- | --- | --- |",
+        "| replica | profile | requests | prefix hit rate |",
+        "| --- | --- | --- | --- |",
     ]
     replicas = sorted(set(r.per_replica_requests) | set(r.per_replica_hit_rate))
     for replica in replicas:
         rate = r.per_replica_hit_rate.get(replica)
         shown = "-" if rate is None else f"{rate:.1%}"
-        lines.append(f"| {replica} | {r.per_replica_requests.get(replica, 0)} | {shown} |")
+        profile = r.replica_profiles.get(replica, "-")
+        lines.append(f"| {replica} | {profile} | {r.per_replica_requests.get(replica, 0)} | {shown} |")
     cpu = ", ".join(f"{role} {seconds:.1f}" for role, seconds in r.cpu_seconds.items())
     lines += [
         "",

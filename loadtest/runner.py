@@ -103,7 +103,8 @@ async def run_mode(plan: RunPlan, mode: str, concurrency: int, progress: Progres
                 host_busy = HostCpu.now().busy_share_since(host)
                 progress.update(task, completed=total)
         results = [await asyncio.to_thread(ClientResult.load, Path(job.result_path)) for job in jobs]
-        return summarize(results, counter_delta(counters, after), stack.names, cpu, host_busy)
+        deltas = counter_delta(counters, after)
+        return summarize(results, deltas, stack.names, stack.profiles, cpu, host_busy)
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
 

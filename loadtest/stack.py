@@ -67,6 +67,7 @@ class Stack:
     mode: str
     replicas: list[str]  # ip:port of every replica, in pool order
     names: dict[str, str]  # x-sim-replica header value -> ip:port
+    profiles: dict[str, str]  # ip:port -> simulator profile
     targets: list[str]  # base URLs the clients send to
     model: str
     processes: dict[str, int]  # role -> pid, for CPU accounting
@@ -99,7 +100,8 @@ async def start_stack(
             )
             processes["envoy"] = envoy.pid
             targets = [envoy.url]
-        yield Stack(mode, replicas, names, targets, model, processes)
+        profiles = dict(zip(sim.addresses, sim.profiles, strict=True))
+        yield Stack(mode, replicas, names, profiles, targets, model, processes)
 
 
 async def _identify(replicas: Sequence[str]) -> tuple[str, dict[str, str]]:

@@ -51,6 +51,7 @@ class ModeResult:
     per_replica_hit_rate: dict[str, float | None]
     preemptions: int
     per_replica_requests: dict[str, int]
+    replica_profiles: dict[str, str]  # address -> simulator profile
     cpu_seconds: dict[str, float]  # per process (clients, simulator, envoy, picker, runner)
     cpu_cores_used: float  # sum of cpu_seconds / duration: > cores available means CPU-bound
     host_cpu_busy: float  # share of all the machine's cores busy during the window (anyone's)
@@ -61,6 +62,7 @@ def summarize(
     clients: Sequence[ClientResult],
     replica_counters: dict[str, Counters],
     replica_names: dict[str, str],
+    replica_profiles: dict[str, str],
     process_cpu: dict[str, float],
     host_cpu_busy: float,
 ) -> ModeResult:
@@ -99,6 +101,7 @@ def summarize(
         per_replica_hit_rate={address: hit_rate(c) for address, c in replica_counters.items()},
         preemptions=int(pool["vllm:num_preemptions_total"]),
         per_replica_requests=dict(sorted(replicas.items())),
+        replica_profiles=replica_profiles,
         cpu_seconds=cpu,
         cpu_cores_used=sum(cpu.values()) * per_second,
         host_cpu_busy=host_cpu_busy,

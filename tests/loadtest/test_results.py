@@ -41,7 +41,8 @@ def test_summarize_merges_clients_over_the_shared_window() -> None:
         client(10.5, 14.0, [0.3], input_tokens=60, output_tokens=20, replicas=Counter({"1": 1})),
     ]  # fmt: skip
     per_replica = {"a:1": counters(1000, 250), "b:2": counters(1000, 750)}
-    result = summarize(clients, per_replica, {"0": "a:1", "1": "b:2"}, {"envoy": 2.0}, 0.5)
+    profiles = {"a:1": "fast", "b:2": "slow"}
+    result = summarize(clients, per_replica, {"0": "a:1", "1": "b:2"}, profiles, {"envoy": 2.0}, 0.5)
     assert (result.requests, result.completed, result.errors) == (4, 3, 1)
     assert result.errors_by_kind == {"http_503": 1}
     assert result.duration_s == pytest.approx(4.0)  # 10.0 .. 14.0
@@ -75,7 +76,8 @@ def mode_result(output_tps: float, ttft_p90: float, hit_rate: float | None) -> M
         input_tokens=1000, output_tokens=int(output_tps), output_tokens_per_s=output_tps,
         total_tokens_per_s=output_tps + 1000, ttft_ms=latency, tpot_ms=latency, itl_ms=latency,
         e2e_ms=latency, prefix_cache_hit_rate=hit_rate, per_replica_hit_rate={"a:1": hit_rate},
-        preemptions=0, per_replica_requests={"a:1": 10}, cpu_seconds={"client-0": 0.5},
+        preemptions=0, per_replica_requests={"a:1": 10}, replica_profiles={"a:1": "h100-8b"},
+        cpu_seconds={"client-0": 0.5},
         cpu_cores_used=0.5, host_cpu_busy=0.4,
     )  # fmt: skip
 
@@ -113,6 +115,7 @@ def test_write_gives_results_json_report_and_plots(tmp_path: Path) -> None:
     markdown = path.read_text()
     assert "Ratio to `direct`" in markdown and "Ratio to `envoy-rr`" in markdown
     assert "| picker | 1.40x |" in markdown  # output tok/s 140 / 100
+    assert "| a:1 | h100-8b | 10 | 50.0% |" in markdown
     images = [line.split("(")[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]
     assert "sweep.png" in images and "latency-c8.png" in images and "throughput-c4.png" in images
     for image in images:

@@ -92,7 +92,7 @@ async def test_every_mode_runs_on_its_own_stack_and_is_reported(tmp_path: Path) 
     out = tmp_path / "out"
     run = await loadtest(
         "run", *FAST_UNIFORM, "--modes", "direct,envoy-rr,picker,picker-duplex",
-        "--concurrency", "2", "--requests", "8", "--out", str(out),
+        "--concurrency", "2", "--requests", "8", "--clients", "2", "--out", str(out),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert f"Report: {out / 'report.md'}" in run.stdout.replace("\n", "")
@@ -104,8 +104,10 @@ async def test_every_mode_runs_on_its_own_stack_and_is_reported(tmp_path: Path) 
         assert result["output_tokens"] == 8 * 8
         per_replica = sorted(result["per_replica_requests"].values())
         assert sum(per_replica) == 8 and (per_replica == [4, 4] or "picker" in mode)  # round-robin: even
+        assert set(result["replica_profiles"].values()) == {"h100-8b"}
         assert 0 < result["ttft_ms"]["p50"] <= result["e2e_ms"]["p50"]
-        assert result["cpu_seconds"]["simulator"] > 0 and result["cpu_seconds"]["client-0"] > 0
+        assert result["clients"] == 2 and result["cpu_seconds"]["client-1"] > 0
+        assert result["cpu_seconds"]["simulator"] > 0
         assert ("envoy" in result["cpu_seconds"]) == (mode != "direct")
         assert ("picker" in result["cpu_seconds"]) == ("picker" in mode)
     assert len(doc["targets"]) == 2  # the uniform workload's two targets
