@@ -42,7 +42,7 @@ class RunPlan:
     concurrencies: tuple[int, ...]
     pool: PoolSpec
     out: Path
-    requests: int | None = None  # per mode; None: 10 x concurrency unless `duration` is set
+    requests: int | None = None  # per mode; None: see requests_at, unless `duration` is set
     duration: float | None = None
     clients: int | None = None  # client processes; None: one per STREAMS_PER_CLIENT, <= cores
     seed: int = 0
@@ -56,7 +56,7 @@ class RunPlan:
             "workload": to_dict(self.workload),
             "modes": list(self.modes),
             "concurrency": list(self.concurrencies),
-            "requests per mode": self.requests or ("10 x concurrency" if self.duration is None else None),
+            "requests per mode": [self.requests_at(c) for c in self.concurrencies],
             "duration per mode (s)": self.duration,
             "replicas": pool.replicas,
             "profiles": pool.replica_profiles,
@@ -68,8 +68,9 @@ class RunPlan:
         }
 
     def requests_at(self, concurrency: int) -> int | None:
+        """InferenceMAX's num_prompts = 10 x concurrency, or more if the workload needs more."""
         if self.requests is None and self.duration is None:
-            return 10 * concurrency  # InferenceMAX: num_prompts = 10 x concurrency
+            return max(10 * concurrency, self.workload.min_requests)
         return self.requests
 
     def shares(self, concurrency: int) -> list[int]:

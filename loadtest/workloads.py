@@ -48,6 +48,11 @@ class Session:
 class Workload(Protocol):
     kind: ClassVar[str]
 
+    @property
+    def min_requests(self) -> int:
+        """Requests a run needs before the workload shows its shape (0: any number will do)."""
+        ...
+
     def sessions(self, rng: random.Random) -> Iterator[Session]:
         """An endless stream of sessions."""
         ...
@@ -66,6 +71,7 @@ def draw_length(rng: random.Random, length: int, range_ratio: float) -> int:
 @dataclass(frozen=True, slots=True)
 class Uniform:
     kind: ClassVar[str] = "uniform"
+    min_requests: ClassVar[int] = 0
     input_tokens: int = 1024
     output_tokens: int = 512
     range_ratio: float = 0.8
@@ -92,6 +98,11 @@ class SharedPrefix:
             question = random_text(rng, self.question_tokens)
             yield Session((question,), (self.output_tokens,), system=system)
 
+    @property
+    def min_requests(self) -> int:
+        """Each prefix revisited ~10 times: its first request always misses, wherever it goes."""
+        return 10 * self.groups
+
     def sized_for(self, kv_tokens: int, replicas: int, fill: float = 0.75) -> SharedPrefix:
         """Enough groups that all prefixes take `fill` x the pool's KV cache (`kv_tokens` per replica).
 
@@ -105,6 +116,7 @@ class SharedPrefix:
 @dataclass(frozen=True, slots=True)
 class MultiTurn:
     kind: ClassVar[str] = "multi-turn"
+    min_requests: ClassVar[int] = 0
     turns: int = 5
     first_tokens: int = 1000
     turn_tokens: int = 200

@@ -48,6 +48,7 @@ def test_shared_prefix_is_sized_to_exceed_one_replica_and_fit_the_pool() -> None
     total = workload.groups * workload.prefix_tokens
     assert kv_tokens < total <= replicas * kv_tokens
     assert total >= 0.75 * replicas * kv_tokens
+    assert workload.min_requests == 10 * workload.groups  # every prefix comes back ~10 times
 
 
 def test_multi_turn_sessions_have_all_their_turns() -> None:
