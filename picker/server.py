@@ -106,8 +106,7 @@ class PickerServer:
             f"{opts.bind_address}:{opts.grpc_health_port}"
         )
         self._servers = [main, health_server]
-        for server in self._servers:
-            await server.start()
+        await health_server.start()  # ext_proc starts once ready: see _become_ready
         http_server, _ = start_http_server(opts.metrics_port, opts.bind_address, registry=telemetry.REGISTRY)
         self._metrics_http = http_server
         self.metrics_port = http_server.server_port
@@ -118,7 +117,7 @@ class PickerServer:
         ]
         self._tasks = [*self._services, asyncio.create_task(self._become_ready(), name="readiness")]
         log.info(
-            "picker serving ext_proc on %s:%d (%s), health on %d, metrics on %d",
+            "picker: ext_proc on %s:%d (%s) once ready, health on %d, metrics on %d",
             opts.bind_address,
             self.grpc_port,
             "TLS" if opts.secure_serving else "plaintext",
@@ -127,8 +126,12 @@ class PickerServer:
         )
 
     async def _become_ready(self) -> None:
+        """Serve ext_proc only once endpoints are known. Before that every pick would be a 503;
+        unanswered, Envoy waits (at most the first scrape round, bounded by the scrape timeout)
+        or fails open, which serves the requests instead of refusing them."""
         await self.pool.synced.wait()
         await self.scraper.first_round.wait()
+        await self._servers[0].start()
         await self.health.set_ready(True)
         log.info("ready: %d endpoints known", len(self.pool))
 
