@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loadtest import report
+from loadtest import chaos, report
 from loadtest.runner import RunPlan, run_plan
 from loadtest.stack import MODES, PoolSpec
 from loadtest.stats import E2E_P99, HIT_RATE, OUTPUT_TPS, TOTAL_TPS, TPOT_P50, TTFT_P90, ModeResult, ratio
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="direct vs envoy-rr vs picker on a shared-prefix workload")
     demo.add_argument("--out", type=Path, help="output directory (default results/demo-<time>)")
     demo.add_argument("--requests", type=int, default=DEMO_REQUESTS, help="requests per mode")
+    chaos.add_arguments(commands.add_parser("chaos", help="fault scenarios under load, with a report"))
     return parser
 
 
@@ -192,6 +193,8 @@ def _table(concurrency: int, modes: dict[str, ModeResult]) -> Table:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "chaos":
+        raise SystemExit(chaos.main(args))
     try:
         plan = plan_from_args(args)
     except ValueError as exc:
