@@ -9,7 +9,9 @@ running it prints `{"done": n, "errors": e}` a few times a second for the progre
 Timings per request: TTFT = first content token; ITL = every gap between successive content
 chunks (pooled); TPOT = (E2E - TTFT) / (output tokens - 1); E2E = until `[DONE]`. Output and
 prompt token counts come from the final usage chunk (`stream_options.include_usage`), since a
-server may pack several tokens into one chunk.
+server may pack several tokens into one chunk. Failures are counted by kind: `http_<status>`,
+`connection` (no response), `timeout`, `truncated` (the stream ended before `[DONE]`),
+`stream_error` (an error event inside the stream) and `malformed` (not OpenAI-shaped SSE).
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ def request_body(model: str, session: Session, turn: int, history: list[dict[str
     return body
 
 
+class StreamError(Exception):
+    """The server reported an error inside a stream that had started well (vLLM sends `{"error":...}`)."""
+
+
 async def stream_request(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Outcome:
     """POST one streaming request and time its chunks; failures become `Outcome.error` kinds."""
     outcome = Outcome()
@@ -143,6 +149,8 @@ async def stream_request(http: aiohttp.ClientSession, url: str, body: dict[str, 
                         done = True
                         continue
                     chunk = orjson.loads(payload)
+                    if "error" in chunk:
+                        raise StreamError
                     if usage := chunk.get("usage"):
                         outcome.prompt_tokens = usage.get("prompt_tokens", 0)
                         outcome.output_tokens = usage.get("completion_tokens", 0)
@@ -162,6 +170,10 @@ async def stream_request(http: aiohttp.ClientSession, url: str, body: dict[str, 
         outcome.error = "timeout"
     except aiohttp.ClientPayloadError:
         outcome.error = "truncated"
+    except StreamError:
+        outcome.error = "stream_error"
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):  # not OpenAI-shaped SSE
+        outcome.error = "malformed"
     except aiohttp.ClientError:
         outcome.error = "truncated" if headers_seen else "connection"
     else:

@@ -78,7 +78,7 @@ async def test_multi_turn_resends_answers_so_later_turns_hit_the_cache(tmp_path:
     assert page["vllm:prefix_cache_hits_total"] >= 6 * 192
 
 
-@pytest.mark.parametrize("kind", ["http", "no-done", "cut", "slow"])
+@pytest.mark.parametrize("kind", ["http", "no-done", "cut", "slow", "error-event", "garbage"])
 async def test_failures_are_classified(kind: str, serve, tmp_path: Path) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         if kind == "http":
@@ -86,7 +86,11 @@ async def test_failures_are_classified(kind: str, serve, tmp_path: Path) -> None
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b'data: {"choices": [{"index": 0, "text": " abc"}]}\n\n')
-        if kind == "cut":
+        if kind == "error-event":
+            await response.write(b'data: {"error": {"message": "engine died", "code": 500}}\n\n')
+        elif kind == "garbage":
+            await response.write(b"data: <html>\n\n")
+        elif kind == "cut":
             assert request.transport is not None
             request.transport.close()
         elif kind == "slow":
@@ -97,7 +101,10 @@ async def test_failures_are_classified(kind: str, serve, tmp_path: Path) -> None
     url = await serve(handler)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as http:
         outcome = await stream_request(http, f"{url}/v1/completions", completion())
-    expected = {"http": "http_503", "no-done": "truncated", "cut": "truncated", "slow": "timeout"}
+    expected = {
+        "http": "http_503", "no-done": "truncated", "cut": "truncated", "slow": "timeout",
+        "error-event": "stream_error", "garbage": "malformed",
+    }  # fmt: skip
     assert outcome.error == expected[kind]
 
 
