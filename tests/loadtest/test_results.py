@@ -11,8 +11,11 @@ import pytest
 from loadtest import report
 from loadtest.client import ClientResult
 from loadtest.observe import COUNTERS, counter_delta, parse_counters
+from loadtest.runner import RunPlan
+from loadtest.stack import PoolSpec
 from loadtest.stats import ModeResult, percentiles, summarize
 from loadtest.targets import check
+from loadtest.workloads import SharedPrefix, Uniform
 
 
 def counters(queries: float, hits: float) -> dict[str, float]:
@@ -120,3 +123,12 @@ def test_write_gives_results_json_report_and_plots(tmp_path: Path) -> None:
     assert "sweep.png" in images and "latency-c8.png" in images and "throughput-c4.png" in images
     for image in images:
         assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_concurrency_is_split_evenly_over_client_processes(tmp_path: Path) -> None:
+    plan = RunPlan("uniform", Uniform(), ("direct",), (5,), PoolSpec(), tmp_path, clients=2)
+    assert plan.shares(5) == [3, 2]
+    assert plan.shares(1) == [1]  # never a client without a stream
+    assert plan.requests_at(5) == 50  # InferenceMAX: 10 x concurrency
+    prefix = SharedPrefix(groups=30)
+    assert RunPlan("shared-prefix", prefix, ("direct",), (5,), PoolSpec(), tmp_path).requests_at(5) == 300
