@@ -5,6 +5,7 @@
   the listener and every connection at once (the port then refuses, like a crashed server) and
   whose `revive()` serves again on the same port.
 - `config_file(**sections)` -> the path of a picker YAML config written for the test.
+- `picker_metrics(picker)` -> the samples on a picker process's Prometheus page.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import httpx
 import pytest
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
+from loadtest.processes import PickerProcess
 from tests.e2e.conftest import (  # noqa: F401  (fixtures, re-exported for this directory)
     FakeVLLM,
     envoy,
@@ -100,3 +104,17 @@ def config_file(tmp_path: Path) -> Callable[..., str]:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=30.0) as http:
         yield http
+
+
+async def picker_metrics(picker: PickerProcess) -> list[Sample]:
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        page = (await http.get(f"http://127.0.0.1:{picker.metrics_port}/metrics")).text
+    return [sample for family in text_string_to_metric_families(page) for sample in family.samples]
+
+
+def metric(samples: list[Sample], name: str, **labels: str) -> float | None:
+    """The value of the sample `name` whose labels include `labels`, if there is one."""
+    for sample in samples:
+        if sample.name == name and labels.items() <= sample.labels.items():
+            return sample.value
+    return None
