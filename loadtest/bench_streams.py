@@ -33,8 +33,8 @@ from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.chaos import picker_totals
 from loadtest.processes import start_picker
 from loadtest.sim import SimProcess
 
@@ -114,15 +114,6 @@ class Checkpoint:
     picker_cpu_seconds: float  # picker CPU since the previous checkpoint
 
 
-async def picker_metrics(http: httpx.AsyncClient, port: int) -> dict[str, float]:
-    page = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(page):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
-
-
 async def bench(streams: int, checkpoints: Sequence[int], channels: int, out: Path) -> dict[str, object]:
     """Run the benchmark; `out` (existing) receives the picker's log."""
     async with contextlib.AsyncExitStack() as stack:
@@ -146,9 +137,9 @@ async def bench(streams: int, checkpoints: Sequence[int], channels: int, out: Pa
                 batch = range(len(held), min(target, len(held) + OPEN_BATCH))
                 held += await asyncio.gather(*(open_stream(stubs[i % channels], i) for i in batch))
             opened, cpu_used = time.monotonic() - started, sum(proc.cpu_times()[:2]) - cpu
-            before = await picker_metrics(http, picker.metrics_port)
+            before = await picker_totals(http, picker.metrics_port)
             samples = [await timed_pick(stubs[i % channels], 10_000_000 + i) for i in range(SAMPLE_PICKS)]
-            after = await picker_metrics(http, picker.metrics_port)
+            after = await picker_totals(http, picker.metrics_port)
             decisions = (
                 after["picker_pick_duration_seconds_count"] - before["picker_pick_duration_seconds_count"]
             )
@@ -169,13 +160,13 @@ async def bench(streams: int, checkpoints: Sequence[int], channels: int, out: Pa
                 )
             )
             print(json.dumps(asdict(results[-1])), flush=True)
-        assert (await picker_metrics(http, picker.metrics_port))["picker_inflight_requests"] == len(held)
+        assert (await picker_totals(http, picker.metrics_port))["picker_inflight_requests"] == len(held)
         closing = time.monotonic()
         for call in held:
             await call.done_writing()
         await asyncio.gather(*(call.read() for call in held))
         held.clear()
-        drained = await picker_metrics(http, picker.metrics_port)
+        drained = await picker_totals(http, picker.metrics_port)
         report: dict[str, object] = {
             "streams": streams,
             "channels": channels,

@@ -132,13 +132,17 @@ class Picker:
         await self.process.process.wait()
 
     async def samples(self, http: httpx.AsyncClient) -> dict[str, float]:
-        """Totals of the picker's own metrics: decisions, open streams, in-flight requests."""
-        page = (await http.get(f"http://127.0.0.1:{self.metrics_port}/metrics")).text
-        totals: Counter[str] = Counter()
-        for family in text_string_to_metric_families(page):
-            for sample in family.samples:
-                totals[sample.name] += sample.value
-        return dict(totals)
+        return await picker_totals(http, self.metrics_port)
+
+
+async def picker_totals(http: httpx.AsyncClient, metrics_port: int) -> dict[str, float]:
+    """The picker's own metrics summed over labels: decisions, open streams, in-flight requests."""
+    page = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+    totals: Counter[str] = Counter()
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            totals[sample.name] += sample.value
+    return dict(totals)
 
 
 class Load:

@@ -8,6 +8,7 @@ import itertools
 
 import grpc
 import orjson
+from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,6 +54,8 @@ def check_answer(answer: ProcessingResponse) -> str:
     ):
         _, listed = destination(answer)
         assert set(listed) <= set(ENDPOINTS)
+        (option,) = getattr(answer, kind).response.header_mutation.set_headers
+        assert option.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD  # never the client's
     return kind
 
 
