@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-gpu-blocks", type=int, help="override the profiles' KV capacity (blocks)")
     run.add_argument("--clients", type=int, help="client processes (default: by concurrency and cores)")
     run.add_argument(
+        "--repeat", type=int, default=1, metavar="N",
+        help="measure every mode N times, modes taking turns, and pool the samples (noisy machines)",
+    )  # fmt: skip
+    run.add_argument(
         "--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
         help="workload parameter, e.g. --set output_tokens=256 (see loadtest.workloads)",
     )  # fmt: skip
@@ -145,6 +149,7 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
         requests=args.requests,
         duration=args.duration,
         clients=args.clients,
+        repeats=args.repeat,
         seed=args.seed,
         request_timeout=args.request_timeout,
         picker_args=tuple(args.picker_arg),

@@ -147,6 +147,13 @@ def _concurrency_section(
     return lines
 
 
+def _spread(r: ModeResult) -> list[str]:
+    if r.repeats < 2:
+        return []
+    runs = ", ".join(f"{v:,.0f}" for v in r.total_tokens_per_s_by_repeat)
+    return [f"{r.repeats} runs pooled; total tok/s of each: {runs}.", ""]
+
+
 def _mode_details(mode: str, r: ModeResult) -> list[str]:
     errors = ", ".join(f"{kind} {n}" for kind, n in sorted(r.errors_by_kind.items())) or "none"
     lines = [
@@ -156,6 +163,7 @@ def _mode_details(mode: str, r: ModeResult) -> list[str]:
         f"client process(es); errors: {errors}; preemptions: {r.preemptions}; "
         f"{r.input_tokens:,} prompt and {r.output_tokens:,} output tokens.",
         "",
+        *_spread(r),
         "| replica | profile | requests | prefix hit rate |",
         "| --- | --- | --- | --- |",
     ]

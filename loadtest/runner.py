@@ -27,7 +27,7 @@ from loadtest.client import ClientJob, ClientResult
 from loadtest.observe import HostCpu, counter_delta, process_cpu, scrape_counters
 from loadtest.processes import log_tail, stop_process
 from loadtest.stack import PoolSpec, Stack, start_stack
-from loadtest.stats import ModeResult, summarize
+from loadtest.stats import Measurement, ModeResult, summarize
 from loadtest.workloads import Workload, to_dict
 
 STREAMS_PER_CLIENT = 64  # concurrent streams one client process handles without saturating
@@ -48,6 +48,7 @@ class RunPlan:
     seed: int = 0
     request_timeout: float = 600.0
     picker_args: tuple[str, ...] = ()
+    repeats: int = 1  # measure each mode this many times, interleaved, and pool the samples
 
     def describe(self) -> dict[str, Any]:
         """The settings a report states (JSON-able)."""
@@ -63,6 +64,7 @@ class RunPlan:
             "KV tokens per replica": pool.kv_tokens,
             "speed": pool.speed,
             "client processes": self.clients or "auto",
+            "repeats": self.repeats,
             "seed": self.seed,
             "picker args": list(self.picker_args),
         }
@@ -81,14 +83,23 @@ class RunPlan:
 
 
 async def run_plan(plan: RunPlan, progress: Progress) -> AsyncIterator[tuple[int, str, ModeResult]]:
-    """Every (concurrency, mode) in order, each yielded as soon as it is measured."""
+    """Every (concurrency, mode), in order; with repeats the modes take turns (A B C A B C), so a
+    slow drift in what else the machine is doing spreads over all of them."""
     for concurrency in plan.concurrencies:
-        for mode in plan.modes:
-            yield concurrency, mode, await run_mode(plan, mode, concurrency, progress)
+        measured: dict[str, list[Measurement]] = {mode: [] for mode in plan.modes}
+        for repeat in range(plan.repeats):
+            for mode in plan.modes:
+                label = f"{mode} c={concurrency}" + (f" #{repeat + 1}" if plan.repeats > 1 else "")
+                measured[mode].append(await measure_mode(plan, mode, concurrency, progress, label))
+        for mode, measurements in measured.items():
+            yield concurrency, mode, summarize(measurements)
 
 
-async def run_mode(plan: RunPlan, mode: str, concurrency: int, progress: Progress) -> ModeResult:
-    logs = plan.out / "logs" / f"c{concurrency}-{mode}"
+async def measure_mode(
+    plan: RunPlan, mode: str, concurrency: int, progress: Progress, label: str
+) -> Measurement:
+    """One run of one mode on a freshly started stack."""
+    logs = plan.out / "logs" / label.replace(" c=", "-c").replace(" #", "-")
     scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loadtest-"))
     try:
         async with start_stack(mode, plan.pool, logs, plan.picker_args) as stack:
@@ -97,17 +108,23 @@ async def run_mode(plan: RunPlan, mode: str, concurrency: int, progress: Progres
                 pids = stack.processes | {"runner": os.getpid()}
                 counters, cpu, host = await scrape_counters(stack.replicas), process_cpu(pids), HostCpu.now()
                 total = plan.duration or plan.requests_at(concurrency) or 0
-                task = progress.add_task(f"{mode} c={concurrency}", total=total)
+                task = progress.add_task(label, total=total)
                 await _release(clients, _progress_updater(progress, task, plan.duration))
                 after = await scrape_counters(stack.replicas)
                 cpu = {role: seconds - cpu[role] for role, seconds in process_cpu(pids).items()}
                 host_busy = HostCpu.now().busy_share_since(host)
                 progress.update(task, completed=total)
         results = [await asyncio.to_thread(ClientResult.load, Path(job.result_path)) for job in jobs]
-        deltas = counter_delta(counters, after)
-        return summarize(results, deltas, stack.names, stack.profiles, cpu, host_busy)
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+    deltas = counter_delta(counters, after)
+    return Measurement(
+        clients=results,
+        replica_counters={name: deltas[address] for name, address in stack.names.items()},
+        replica_profiles={name: stack.profiles[address] for name, address in stack.names.items()},
+        process_cpu=cpu,
+        host_cpu_busy=host_busy,
+    )
 
 
 def _jobs(plan: RunPlan, stack: Stack, concurrency: int, scratch: Path) -> list[ClientJob]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from loadtest.client import ClientResult
 from loadtest.observe import COUNTERS, Counters, hit_rate
 
 PERCENTILES = (50, 90, 99)
+_V = TypeVar("_V")
 
 
 def percentiles(seconds: Sequence[float]) -> dict[str, float]:
@@ -27,6 +28,27 @@ def percentiles(seconds: Sequence[float]) -> dict[str, float]:
     points = np.percentile(values, PERCENTILES)
     stats = {f"p{p}": float(v) for p, v in zip(PERCENTILES, points, strict=True)}
     return stats | {"mean": float(values.mean())}
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One mode measured once on its own stack: the clients' raw results and what was read
+    around the window. Replicas are keyed by their `x-sim-replica` name (pool position), which
+    stays the same across repeats while addresses change."""
+
+    clients: list[ClientResult]
+    replica_counters: dict[str, Counters]  # counter deltas over the window
+    replica_profiles: dict[str, str]
+    process_cpu: dict[str, float]  # seconds over the window, per role (envoy, picker, ...)
+    host_cpu_busy: float
+
+    @property
+    def duration(self) -> float:
+        return max(c.ended for c in self.clients) - min(c.started for c in self.clients)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(c.input_tokens + c.output_tokens for c in self.clients)
 
 
 @dataclass(slots=True)
@@ -51,36 +73,39 @@ class ModeResult:
     per_replica_hit_rate: dict[str, float | None]
     preemptions: int
     per_replica_requests: dict[str, int]
-    replica_profiles: dict[str, str]  # address -> simulator profile
+    replica_profiles: dict[str, str]  # replica name -> simulator profile
     cpu_seconds: dict[str, float]  # per process (clients, simulator, envoy, picker, runner)
     cpu_cores_used: float  # sum of cpu_seconds / duration: > cores available means CPU-bound
     host_cpu_busy: float  # share of all the machine's cores busy during the window (anyone's)
     clients: int = 1
+    repeats: int = 1
+    total_tokens_per_s_by_repeat: list[float] = field(default_factory=list)  # the spread is the noise
 
 
-def summarize(
-    clients: Sequence[ClientResult],
-    replica_counters: dict[str, Counters],
-    replica_names: dict[str, str],
-    replica_profiles: dict[str, str],
-    process_cpu: dict[str, float],
-    host_cpu_busy: float,
-) -> ModeResult:
-    """One mode's result from every client's raw result and the window's counter deltas.
-
-    Per-replica figures are keyed by address; `replica_names` maps the replicas' header names.
-    """
-    duration = max(c.ended for c in clients) - min(c.started for c in clients)
+def summarize(measurements: Sequence[Measurement]) -> ModeResult:
+    """One mode's result, pooling every repeat: samples are merged, counts and times summed."""
+    clients = [c for m in measurements for c in m.clients]
+    duration = sum(m.duration for m in measurements)
     errors: Counter[str] = Counter()
-    replicas: Counter[str] = Counter()
+    requests: Counter[str] = Counter()
     for client in clients:
         errors += client.errors
-        replicas.update({replica_names.get(name, name): n for name, n in client.replicas.items()})
+        requests += client.replicas
+    replicas: dict[str, Counters] = {}
+    cpu: Counter[str] = Counter()
+    for m in measurements:
+        for name, counters in m.replica_counters.items():
+            replicas[name] = {k: replicas.get(name, {}).get(k, 0.0) + v for k, v in counters.items()}
+        cpu.update({f"client-{i}": c.cpu_seconds for i, c in enumerate(m.clients)} | m.process_cpu)
+    pool = {name: sum(c[name] for c in replicas.values()) for name in COUNTERS}
+    order = {name: i for i, name in enumerate(measurements[0].replica_profiles)}  # pool order
+
+    def in_pool_order(items: dict[str, _V]) -> dict[str, _V]:
+        return dict(sorted(items.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+
     completed = sum(c.completed for c in clients)
     input_tokens = sum(c.input_tokens for c in clients)
     output_tokens = sum(c.output_tokens for c in clients)
-    pool = {name: sum(c[name] for c in replica_counters.values()) for name in COUNTERS}
-    cpu = {f"client-{i}": c.cpu_seconds for i, c in enumerate(clients)} | process_cpu
     per_second = 1.0 / duration if duration > 0 else 0.0
     return ModeResult(
         requests=completed + errors.total(),
@@ -98,14 +123,16 @@ def summarize(
         itl_ms=percentiles([t for c in clients for t in c.itl]),
         e2e_ms=percentiles([t for c in clients for t in c.e2e]),
         prefix_cache_hit_rate=hit_rate(pool),
-        per_replica_hit_rate={address: hit_rate(c) for address, c in replica_counters.items()},
+        per_replica_hit_rate=in_pool_order({name: hit_rate(c) for name, c in replicas.items()}),
         preemptions=int(pool["vllm:num_preemptions_total"]),
-        per_replica_requests=dict(sorted(replicas.items())),
-        replica_profiles=replica_profiles,
-        cpu_seconds=cpu,
-        cpu_cores_used=sum(cpu.values()) * per_second,
-        host_cpu_busy=host_cpu_busy,
-        clients=len(clients),
+        per_replica_requests=in_pool_order(dict(requests)),
+        replica_profiles=measurements[0].replica_profiles,
+        cpu_seconds=dict(cpu),
+        cpu_cores_used=cpu.total() * per_second,
+        host_cpu_busy=sum(m.host_cpu_busy * m.duration for m in measurements) * per_second,
+        clients=len(measurements[0].clients),
+        repeats=len(measurements),
+        total_tokens_per_s_by_repeat=[m.total_tokens / m.duration for m in measurements if m.duration > 0],
     )
 
 

@@ -13,7 +13,7 @@ from loadtest.client import ClientResult
 from loadtest.observe import COUNTERS, counter_delta, parse_counters
 from loadtest.runner import RunPlan
 from loadtest.stack import PoolSpec
-from loadtest.stats import ModeResult, percentiles, summarize
+from loadtest.stats import Measurement, ModeResult, percentiles, summarize
 from loadtest.targets import check
 from loadtest.workloads import SharedPrefix, Uniform
 
@@ -43,18 +43,36 @@ def test_summarize_merges_clients_over_the_shared_window() -> None:
                errors=Counter({"http_503": 1}), replicas=Counter({"0": 3})),
         client(10.5, 14.0, [0.3], input_tokens=60, output_tokens=20, replicas=Counter({"1": 1})),
     ]  # fmt: skip
-    per_replica = {"a:1": counters(1000, 250), "b:2": counters(1000, 750)}
-    profiles = {"a:1": "fast", "b:2": "slow"}
-    result = summarize(clients, per_replica, {"0": "a:1", "1": "b:2"}, profiles, {"envoy": 2.0}, 0.5)
+    measured = Measurement(
+        clients, {"0": counters(1000, 250), "1": counters(1000, 750)}, {"0": "fast", "1": "slow"},
+        {"envoy": 2.0}, host_cpu_busy=0.5,
+    )  # fmt: skip
+    result = summarize([measured])
     assert (result.requests, result.completed, result.errors) == (4, 3, 1)
     assert result.errors_by_kind == {"http_503": 1}
     assert result.duration_s == pytest.approx(4.0)  # 10.0 .. 14.0
     assert result.output_tokens_per_s == pytest.approx(60 / 4)
     assert result.total_tokens_per_s == pytest.approx(220 / 4)
     assert result.prefix_cache_hit_rate == pytest.approx(0.5)
-    assert result.per_replica_hit_rate == {"a:1": 0.25, "b:2": 0.75}
-    assert result.per_replica_requests == {"a:1": 3, "b:2": 1}
+    assert result.per_replica_hit_rate == {"0": 0.25, "1": 0.75}
+    assert result.per_replica_requests == {"0": 3, "1": 1}
     assert set(result.cpu_seconds) == {"client-0", "client-1", "envoy"}
+
+
+def test_repeats_pool_samples_and_sum_windows() -> None:
+    def once(start: float, ttft: float, hits: float, busy: float) -> Measurement:
+        run = client(start, start + 2, [ttft], input_tokens=10, output_tokens=10, replicas=Counter({"1": 1}))
+        return Measurement([run], {"1": counters(100, hits)}, {"1": "h100-8b"}, {"picker": 1.0}, busy)
+
+    result = summarize([once(0.0, 0.1, 20, 0.2), once(50.0, 0.3, 60, 0.6)])
+    assert result.repeats == 2 and result.requests == 2
+    assert result.duration_s == pytest.approx(4.0)  # two 2 s windows, not the 52 s between them
+    assert result.total_tokens_per_s == pytest.approx(40 / 4)
+    assert result.total_tokens_per_s_by_repeat == pytest.approx([10.0, 10.0])
+    assert result.ttft_ms["p50"] == pytest.approx(200.0)
+    assert result.prefix_cache_hit_rate == pytest.approx(0.4)
+    assert result.cpu_seconds == {"client-0": 0.0, "picker": 2.0}
+    assert result.host_cpu_busy == pytest.approx(0.4)
 
 
 def test_counters_are_summed_over_label_sets_and_differenced() -> None:
