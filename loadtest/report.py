@@ -150,8 +150,8 @@ def _concurrency_section(
 def _spread(r: ModeResult) -> list[str]:
     if r.repeats < 2:
         return []
-    runs = ", ".join(f"{v:,.0f}" for v in r.total_tokens_per_s_by_repeat)
-    return [f"{r.repeats} runs pooled; total tok/s of each: {runs}.", ""]
+    runs = ", ".join(f"{run.total_tokens_per_s:,.0f} ({run.host_cpu_busy:.0%})" for run in r.by_repeat)
+    return [f"{r.repeats} runs pooled; total tok/s of each (host CPU busy): {runs}.", ""]
 
 
 def _mode_details(mode: str, r: ModeResult) -> list[str]:

@@ -51,6 +51,14 @@ class Measurement:
         return sum(c.input_tokens + c.output_tokens for c in self.clients)
 
 
+@dataclass(frozen=True, slots=True)
+class RepeatSummary:
+    """One of the pooled runs, to show how much they differ."""
+
+    total_tokens_per_s: float
+    host_cpu_busy: float
+
+
 @dataclass(slots=True)
 class ModeResult:
     """One mode at one concurrency: the `results.json` entry under `modes`."""
@@ -79,7 +87,7 @@ class ModeResult:
     host_cpu_busy: float  # share of all the machine's cores busy during the window (anyone's)
     clients: int = 1
     repeats: int = 1
-    total_tokens_per_s_by_repeat: list[float] = field(default_factory=list)  # the spread is the noise
+    by_repeat: list[RepeatSummary] = field(default_factory=list)  # the spread shows the noise
 
 
 def summarize(measurements: Sequence[Measurement]) -> ModeResult:
@@ -132,7 +140,7 @@ def summarize(measurements: Sequence[Measurement]) -> ModeResult:
         host_cpu_busy=sum(m.host_cpu_busy * m.duration for m in measurements) * per_second,
         clients=len(measurements[0].clients),
         repeats=len(measurements),
-        total_tokens_per_s_by_repeat=[m.total_tokens / m.duration for m in measurements if m.duration > 0],
+        by_repeat=[RepeatSummary(m.total_tokens / m.duration, m.host_cpu_busy) for m in measurements],
     )
 
 

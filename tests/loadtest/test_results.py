@@ -68,7 +68,7 @@ def test_repeats_pool_samples_and_sum_windows() -> None:
     assert result.repeats == 2 and result.requests == 2
     assert result.duration_s == pytest.approx(4.0)  # two 2 s windows, not the 52 s between them
     assert result.total_tokens_per_s == pytest.approx(40 / 4)
-    assert result.total_tokens_per_s_by_repeat == pytest.approx([10.0, 10.0])
+    assert [(r.total_tokens_per_s, r.host_cpu_busy) for r in result.by_repeat] == [(10.0, 0.2), (10.0, 0.6)]
     assert result.ttft_ms["p50"] == pytest.approx(200.0)
     assert result.prefix_cache_hit_rate == pytest.approx(0.4)
     assert result.cpu_seconds == {"client-0": 0.0, "picker": 2.0}

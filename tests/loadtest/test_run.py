@@ -128,7 +128,7 @@ async def test_a_timed_repeated_sweep_stops_by_itself(tmp_path: Path) -> None:
     for entry in doc["sweep"]:
         direct = entry["modes"]["direct"]
         assert direct["requests"] > 0 and direct["errors"] == 0
-        assert direct["repeats"] == 2 and len(direct["total_tokens_per_s_by_repeat"]) == 2
+        assert direct["repeats"] == 2 and len(direct["by_repeat"]) == 2
         assert 2.0 <= direct["duration_s"] < 10.0  # two windows; started requests end after the deadline
     assert (out / "sweep.png").exists()
     assert not run.leftovers
