@@ -172,6 +172,8 @@ async def execute(plan: RunPlan, results: report.Results, console: Console) -> N
 def print_results(console: Console, results: report.Results) -> None:
     for concurrency, modes in sorted(results.runs.items()):
         console.print(_table(concurrency, modes))
+    if saturated := results.saturated():
+        console.print(f"[yellow]warning: host CPU (nearly) full while measuring {', '.join(saturated)}[/]")
     for concurrency, check in results.checks():
         mark = "[green]met[/]" if check.met else "[red]missed[/]"
         console.print(f"c={concurrency}  {check.target}: {report.format_ratio(check.ratio)}  {mark}")

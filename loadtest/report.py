@@ -18,6 +18,7 @@ from loadtest.stats import RATIOS, SUMMARY, Metric, ModeResult, ratio
 from loadtest.targets import Check, check
 
 BASELINES = ("direct", "envoy-rr")
+SATURATED = 0.9  # host CPU busy share above which a mode's numbers measure CPU contention
 
 
 @dataclass(slots=True)
@@ -31,6 +32,15 @@ class Results:
 
     def checks(self) -> list[tuple[int, Check]]:
         return [(c, result) for c, modes in self.runs.items() for result in check(self.workload, modes)]
+
+    def saturated(self) -> list[str]:
+        """`mode c=N (busy%)` for every measurement taken while the host's CPU was (nearly) full."""
+        return [
+            f"{mode} c={c} ({r.host_cpu_busy:.0%})"
+            for c, modes in sorted(self.runs.items())
+            for mode, r in modes.items()
+            if r.host_cpu_busy >= SATURATED
+        ]
 
     def to_json(self) -> dict[str, Any]:
         entries = [
@@ -92,6 +102,13 @@ def render_markdown(results: Results, images: dict[str, Path]) -> str:
         "overheads do not shrink. Ratios are mode / baseline; for latencies lower is better.",
         "",
     ]
+    if saturated := results.saturated():
+        lines += [
+            f"**Warning:** the host's CPU was at least {SATURATED:.0%} busy while measuring "
+            f"{', '.join(saturated)}: those numbers measure CPU contention (see each mode's CPU "
+            "seconds for whose), not routing. Re-run on a quieter machine or with `--repeat`.",
+            "",
+        ]
     if checks := results.checks():
         lines += ["## Targets", "", "| concurrency | target | measured | met |", "| --- | --- | --- | --- |"]
         for c, k in checks:

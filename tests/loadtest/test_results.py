@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -137,6 +138,7 @@ def test_write_gives_results_json_report_and_plots(tmp_path: Path) -> None:
     assert "Ratio to `direct`" in markdown and "Ratio to `envoy-rr`" in markdown
     assert "| picker | 1.40x |" in markdown  # output tok/s 140 / 100
     assert "| a:1 | h100-8b | 10 | 50.0% |" in markdown
+    assert "Warning" not in markdown  # the host was 40% busy
     images = [line.split("(")[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]
     assert "sweep.png" in images and "latency-c8.png" in images and "throughput-c4.png" in images
     for image in images:
@@ -150,3 +152,13 @@ def test_concurrency_is_split_evenly_over_client_processes(tmp_path: Path) -> No
     assert plan.requests_at(5) == 50  # InferenceMAX: 10 x concurrency
     prefix = SharedPrefix(groups=30)
     assert RunPlan("shared-prefix", prefix, ("direct",), (5,), PoolSpec(), tmp_path).requests_at(5) == 300
+
+
+def test_a_mode_measured_on_a_saturated_host_is_flagged() -> None:
+    results = report.Results("uniform", {"command": "x"})
+    results.add(8, "direct", mode_result(100, 1000, None))
+    results.add(8, "picker", replace(mode_result(100, 1000, None), host_cpu_busy=0.95))
+    assert results.saturated() == ["picker c=8 (95%)"]
+    assert "**Warning:** the host's CPU was at least 90% busy while measuring picker c=8 (95%)" in (
+        report.render_markdown(results, {})
+    )
