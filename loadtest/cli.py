@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="workload parameter, e.g. --set output_tokens=256 (see loadtest.workloads)",
     )  # fmt: skip
     run.add_argument("--picker-arg", action="append", default=[], help="extra `picker serve` argument")
+    run.add_argument(
+        "--ramp-up", type=float, default=0.0, metavar="S",
+        help="start the closed-loop workers evenly over S seconds instead of all at once, so the "
+        "first burst does not dominate TTFT percentiles",
+    )  # fmt: skip
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--request-timeout", type=float, default=600.0)
     run.add_argument("--out", type=Path, help="output directory (default results/<workload>-<time>)")
@@ -150,6 +155,7 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
         duration=args.duration,
         clients=args.clients,
         repeats=args.repeat,
+        ramp_up=args.ramp_up,
         seed=args.seed,
         request_timeout=args.request_timeout,
         picker_args=tuple(args.picker_arg),

@@ -50,6 +50,7 @@ class ClientJob:
     max_requests: int | None = None  # in all clients together
     duration: float | None = None  # stop starting requests after this many seconds
     warmup: int = 0  # requests before `ready`, not measured
+    ramp_up: float = 0.0  # seconds over which all clients' workers start, evenly (0: all at once)
     request_timeout: float = 600.0
 
     @property
@@ -223,12 +224,15 @@ class Client:
         self.result.started = time.monotonic()
         if job.duration is not None:
             self._deadline = self.result.started + job.duration
-        await asyncio.gather(*(self._worker(sessions) for _ in range(job.concurrency)))
+        first = sum(job.shares[: job.index])  # this client's first worker, counted over all clients
+        step = job.ramp_up / sum(job.shares)
+        await asyncio.gather(*(self._worker(sessions, (first + i) * step) for i in range(job.concurrency)))
         self.result.ended = time.monotonic()
         self.result.cpu_seconds = time.process_time() - cpu
         return self.result
 
-    async def _worker(self, sessions: Iterator[Session]) -> None:
+    async def _worker(self, sessions: Iterator[Session], delay: float) -> None:
+        await asyncio.sleep(delay)  # a ramp-up: the schedule is the point, not a synchronisation
         for session in sessions:  # shared by this process's workers: each takes the next one
             history = [{"role": "system", "content": session.system}] if session.system else []
             for turn in range(len(session)):

@@ -49,6 +49,7 @@ class RunPlan:
     request_timeout: float = 600.0
     picker_args: tuple[str, ...] = ()
     repeats: int = 1  # measure each mode this many times, interleaved, and pool the samples
+    ramp_up: float = 0.0  # seconds over which the closed-loop workers start
 
     def describe(self) -> dict[str, Any]:
         """The settings a report states (JSON-able)."""
@@ -65,6 +66,7 @@ class RunPlan:
             "speed": pool.speed,
             "client processes": self.clients or "auto",
             "repeats": self.repeats,
+            "ramp-up (s)": self.ramp_up,
             "seed": self.seed,
             "picker args": list(self.picker_args),
         }
@@ -143,6 +145,7 @@ def _jobs(plan: RunPlan, stack: Stack, concurrency: int, scratch: Path) -> list[
             duration=plan.duration,
             warmup=max(1, warmup * share // concurrency),
             request_timeout=plan.request_timeout,
+            ramp_up=plan.ramp_up,
         )
         for i, share in enumerate(shares)
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -127,3 +128,24 @@ async def test_errors_are_counted_and_the_run_still_ends(serve, tmp_path: Path) 
         result = await Client(job, http).run()
     assert result.completed == 0 and result.errors == {"http_429": 7}
     assert not result.ttft
+
+
+async def test_ramp_up_starts_each_worker_at_its_slot_across_clients(serve, tmp_path: Path) -> None:
+    arrivals: list[float] = []
+
+    async def record(request: web.Request) -> web.Response:
+        arrivals.append(time.monotonic())
+        await asyncio.sleep(0.3)  # busy long enough that the other worker takes the other session
+        return web.json_response({"error": "no"}, status=429)
+
+    url = await serve(record)
+    job = ClientJob(
+        index=1, shares=[2, 2], targets=[url], model="m", workload=to_dict(Uniform(input_tokens=8)), seed=0,
+        result_path=str(tmp_path / "r.json"), max_requests=4, ramp_up=0.4,
+    )  # fmt: skip
+    async with aiohttp.ClientSession() as http:
+        result = await Client(job, http).run()
+    # Client 1 runs the 3rd and 4th of 4 workers: they start 0.2 s and 0.3 s into the run.
+    offsets = sorted(t - result.started for t in arrivals)
+    assert len(offsets) == result.errors.total() == 2
+    assert offsets[0] == pytest.approx(0.2, abs=0.05) and offsets[1] == pytest.approx(0.3, abs=0.05)
