@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import aiohttp
 import orjson
 
 from loadtest.sim import REPLICA_HEADER
-from loadtest.workloads import Session, assigned_sessions, from_dict, random_text
+from loadtest.workloads import Session, assigned_sessions, assigned_warmup, from_dict, random_text
 
 PROGRESS_INTERVAL = 0.25
 WARMUP_PROMPT_TOKENS = 32
@@ -201,16 +201,18 @@ class Client:
         return next(self._targets) + self._paths[chat]
 
     async def warm_up(self) -> None:
-        """Open connections and exercise every hop with short unrelated prompts (not measured)."""
+        """Open connections and exercise every hop with short unrelated prompts, then send this
+        client's share of the workload's own warm-up (e.g. every shared prefix once); not measured."""
         rng = random.Random(f"warmup-{self.job.seed}-{self.job.index}")
-        sessions = [
+        probes = [
             Session((random_text(rng, WARMUP_PROMPT_TOKENS),), (WARMUP_OUTPUT_TOKENS,), chat=False)
             for _ in range(self.job.warmup)
         ]
-        outcomes = await asyncio.gather(
-            *(stream_request(self.http, self._url(False), request_body(self.job.model, s, 0, []))
-              for s in sessions)
-        )  # fmt: skip
+        outcomes: list[Outcome] = []
+        await asyncio.gather(*(self._converse(probe, outcomes.append) for probe in probes))
+        workload = from_dict(self.job.workload)
+        primes = assigned_warmup(workload, self.job.seed, self.job.shares, self.job.index)
+        await self._drive(iter(primes), outcomes.append, ramp_up=0.0)
         failed = Counter(o.error for o in outcomes if o.error)
         if failed:
             raise RuntimeError(f"warm-up failed: {dict(failed)}")
@@ -224,27 +226,41 @@ class Client:
         self.result.started = time.monotonic()
         if job.duration is not None:
             self._deadline = self.result.started + job.duration
-        first = sum(job.shares[: job.index])  # this client's first worker, counted over all clients
-        step = job.ramp_up / sum(job.shares)
-        await asyncio.gather(*(self._worker(sessions, (first + i) * step) for i in range(job.concurrency)))
+        await self._drive(sessions, self._record, job.ramp_up)
         self.result.ended = time.monotonic()
         self.result.cpu_seconds = time.process_time() - cpu
         return self.result
 
-    async def _worker(self, sessions: Iterator[Session], delay: float) -> None:
-        await asyncio.sleep(delay)  # a ramp-up: the schedule is the point, not a synchronisation
-        for session in sessions:  # shared by this process's workers: each takes the next one
-            history = [{"role": "system", "content": session.system}] if session.system else []
-            for turn in range(len(session)):
-                if time.monotonic() >= self._deadline:
+    async def _drive(
+        self, sessions: Iterator[Session], record: Callable[[Outcome], None], ramp_up: float
+    ) -> None:
+        """`job.concurrency` closed-loop workers sharing `sessions`, started evenly over `ramp_up` s."""
+        job = self.job
+        first = sum(job.shares[: job.index])  # this client's first worker, counted over all clients
+        step = ramp_up / sum(job.shares)
+
+        async def worker(delay: float) -> None:
+            await asyncio.sleep(delay)  # a ramp-up: the schedule is the point, not a synchronisation
+            for session in sessions:  # each worker takes the next session
+                if not await self._converse(session, record):
                     return
-                body = request_body(self.job.model, session, turn, history)
-                outcome = await stream_request(self.http, self._url(session.chat), body)
-                self._record(outcome)
-                if outcome.error:
-                    break  # a conversation cannot go on without its answer
-                if session.chat:
-                    history = [*body["messages"], {"role": "assistant", "content": outcome.text}]
+
+        await asyncio.gather(*(worker((first + i) * step) for i in range(job.concurrency)))
+
+    async def _converse(self, session: Session, record: Callable[[Outcome], None]) -> bool:
+        """Send a session's turns in order; False once the deadline has passed."""
+        history = [{"role": "system", "content": session.system}] if session.system else []
+        for turn in range(len(session)):
+            if time.monotonic() >= self._deadline:
+                return False
+            body = request_body(self.job.model, session, turn, history)
+            outcome = await stream_request(self.http, self._url(session.chat), body)
+            record(outcome)
+            if outcome.error:
+                break  # a conversation cannot go on without its answer
+            if session.chat:
+                history = [*body["messages"], {"role": "assistant", "content": outcome.text}]
+        return True
 
     def _record(self, outcome: Outcome) -> None:
         result = self.result

@@ -10,7 +10,8 @@ and no two random prompts share a block.
   No prefix is ever shared: routing cannot help, any loss is overhead.
 - `SharedPrefix`: groups of users sharing a long system prompt, each request a fresh question
   (the shape of llm-d's prefix benchmark), sized with `SharedPrefix.sized_for` so the prefixes
-  together exceed one replica's KV cache but fit in the pool's.
+  together exceed one replica's KV cache but fit in the pool's. Its warm-up asks every group once,
+  through the mode under test, so the measured window is the steady state, not the cold start.
 - `MultiTurn`: chat conversations whose every turn resends the whole history, answers included.
 """
 
@@ -57,6 +58,10 @@ class Workload(Protocol):
         """An endless stream of sessions."""
         ...
 
+    def warmup(self, rng: random.Random) -> list[Session]:
+        """Sessions that bring the replicas to the workload's steady state before measuring."""
+        ...
+
 
 def random_text(rng: random.Random, tokens: int) -> str:
     """`tokens` tokens of random text (hex: `CHARS_PER_TOKEN` characters per token)."""
@@ -82,6 +87,9 @@ class Uniform:
             output = draw_length(rng, self.output_tokens, self.range_ratio)
             yield Session((prompt,), (output,), chat=False)
 
+    def warmup(self, rng: random.Random) -> list[Session]:
+        return []  # nothing to prime: no prompt is ever seen twice
+
 
 @dataclass(frozen=True, slots=True)
 class SharedPrefix:
@@ -92,15 +100,26 @@ class SharedPrefix:
     output_tokens: int = 128
 
     def sessions(self, rng: random.Random) -> Iterator[Session]:
-        prefixes = [random_text(rng, self.prefix_tokens) for _ in range(self.groups)]
+        prefixes = self._prefixes(rng)
         while True:
             system = prefixes[rng.randrange(self.groups)]
             question = random_text(rng, self.question_tokens)
             yield Session((question,), (self.output_tokens,), system=system)
 
+    def warmup(self, rng: random.Random) -> list[Session]:
+        """One one-token request per group (same prefixes as `sessions` from the same seed): in
+        steady state every prefix has been seen; the mode's own routing decides where it is kept."""
+        return [
+            Session((random_text(rng, self.question_tokens),), (1,), system=system)
+            for system in self._prefixes(rng)
+        ]
+
+    def _prefixes(self, rng: random.Random) -> list[str]:
+        return [random_text(rng, self.prefix_tokens) for _ in range(self.groups)]
+
     @property
     def min_requests(self) -> int:
-        """Each prefix revisited ~10 times: its first request always misses, wherever it goes."""
+        """Each prefix asked ~10 times in the measured window, so every group weighs in."""
         return 10 * self.groups
 
     def sized_for(self, kv_tokens: int, replicas: int, fill: float = 0.75) -> SharedPrefix:
@@ -129,6 +148,9 @@ class MultiTurn:
                 *(random_text(rng, self.turn_tokens) for _ in range(self.turns - 1)),
             )
             yield Session(prompts, (self.output_tokens,) * self.turns)
+
+    def warmup(self, rng: random.Random) -> list[Session]:
+        return []  # every conversation is new
 
 
 KINDS: dict[str, type[Uniform] | type[SharedPrefix] | type[MultiTurn]] = {
@@ -163,7 +185,7 @@ def assigned_sessions(
     The global stream is cut at `max_requests` requests (turns) in all, so every client process,
     generating the same stream, agrees on who sends what without talking to the others.
     """
-    slots = [client for client, share in enumerate(shares) for _ in range(share)]
+    owners = _owners(shares)
     sent = 0
     for number, session in enumerate(workload.sessions(random.Random(seed))):
         if max_requests is not None:
@@ -171,5 +193,17 @@ def assigned_sessions(
                 return
             session = session.truncated(max_requests - sent)
             sent += len(session)
-        if slots[number % len(slots)] == index:
+        if owners[number % len(owners)] == index:
             yield session
+
+
+def assigned_warmup(workload: Workload, seed: int, shares: list[int], index: int) -> list[Session]:
+    """Client `index`'s share of the workload's warm-up sessions, dealt like `assigned_sessions`."""
+    owners = _owners(shares)
+    sessions = workload.warmup(random.Random(seed))
+    return [session for number, session in enumerate(sessions) if owners[number % len(owners)] == index]
+
+
+def _owners(shares: list[int]) -> list[int]:
+    """Who sends the sessions of one round: each client as many as its share of the concurrency."""
+    return [client for client, share in enumerate(shares) for _ in range(share)]

@@ -15,7 +15,7 @@ from loadtest.client import Client, ClientJob, request_body, stream_request
 from loadtest.observe import scrape_counters
 from loadtest.processes import free_port
 from loadtest.sim import run_replicas
-from loadtest.workloads import MultiTurn, Session, Uniform, to_dict
+from loadtest.workloads import MultiTurn, Session, SharedPrefix, Uniform, to_dict
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -149,3 +149,24 @@ async def test_ramp_up_starts_each_worker_at_its_slot_across_clients(serve, tmp_
     offsets = sorted(t - result.started for t in arrivals)
     assert len(offsets) == result.errors.total() == 2
     assert offsets[0] == pytest.approx(0.2, abs=0.05) and offsets[1] == pytest.approx(0.3, abs=0.05)
+
+
+async def test_shared_prefix_warm_up_primes_every_prefix_before_the_measured_run(tmp_path: Path) -> None:
+    workload = SharedPrefix(groups=3, prefix_tokens=256, question_tokens=16, output_tokens=4)
+    async with run_replicas(1, speed=50.0) as replicas:
+        replica = replicas[0]
+        job = ClientJob(
+            index=0, shares=[2], targets=[f"http://{replica.address}"], model=replica.config.model_name,
+            workload=to_dict(workload), seed=5, result_path=str(tmp_path / "r.json"), max_requests=6,
+        )  # fmt: skip
+        async with aiohttp.ClientSession() as http:
+            client = Client(job, http)
+            await client.warm_up()
+            primed = (await scrape_counters([replica.address]))[replica.address]
+            result = await client.run()
+        after = (await scrape_counters([replica.address]))[replica.address]
+    assert primed["vllm:prefix_cache_queries_total"] >= 3 * 256  # each group's prefix once
+    assert result.completed == 6  # warm-up requests are not counted
+    # Every measured request finds its group's prefix (whole 16-token blocks) already cached.
+    hits = after["vllm:prefix_cache_hits_total"] - primed["vllm:prefix_cache_hits_total"]
+    assert hits >= 6 * 240

@@ -12,6 +12,7 @@ from loadtest.workloads import (
     SharedPrefix,
     Uniform,
     assigned_sessions,
+    assigned_warmup,
     from_dict,
     to_dict,
     with_params,
@@ -79,3 +80,13 @@ def test_clients_split_the_stream_by_share_and_stop_at_the_request_count() -> No
     assert len(parts[0]) == pytest.approx(3 * len(parts[1]), abs=3)
     first_prompts = [s.prompts[0] for part in parts for s in part]
     assert len(set(first_prompts)) == len(first_prompts)  # nobody sends a session twice
+
+
+def test_shared_prefix_warm_up_is_every_groups_prefix_once_split_over_clients() -> None:
+    workload = SharedPrefix(groups=7, prefix_tokens=32, question_tokens=4)
+    prefixes = {s.system for s in take(workload, 200, seed=2)}
+    parts = [assigned_warmup(workload, 2, [2, 1], i) for i in range(2)]
+    assert [len(part) for part in parts] == [5, 2]
+    assert {s.system for part in parts for s in part} == prefixes
+    assert all(s.max_tokens == (1,) for part in parts for s in part)
+    assert Uniform().warmup(random.Random(0)) == MultiTurn().warmup(random.Random(0)) == []
