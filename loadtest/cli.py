@@ -2,7 +2,7 @@
 
     python -m loadtest run --workload shared-prefix --modes direct,envoy-rr,picker \\
         --concurrency 8,32,128 [--requests N | --duration S] [--replicas 4] [--profiles a,b] \\
-        [--speed X] [--set name=value ...] --out DIR
+        [--speed X] [--num-gpu-blocks B] [--set name=value ...] [--repeat N] [--ramp-up S] --out DIR
     python -m loadtest demo      # the README's first command
 """
 
@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--modes", type=_modes, default=list(MODES), help="comma-separated (all four)")
     run.add_argument("--concurrency", type=_ints, default=[32], help="one value, or a sweep: 8,32,128")
     amount = run.add_mutually_exclusive_group()
-    amount.add_argument("--requests", type=int, help="requests per mode (default 10 x concurrency)")
+    amount.add_argument(
+        "--requests",
+        type=int,
+        help="requests per mode (default 10 x concurrency; shared-prefix: at least 10 per group)",
+    )
     amount.add_argument("--duration", type=float, help="seconds per mode instead of a request count")
     run.add_argument("--replicas", type=int, default=4)
     run.add_argument("--profiles", type=_list, help="simulator profiles, cycled over the replicas")
