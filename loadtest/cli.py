@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the closed-loop workers evenly over S seconds instead of all at once, so the "
         "first burst does not dominate TTFT percentiles",
     )  # fmt: skip
+    run.add_argument(
+        "--request-rate", type=float, metavar="R",
+        help="open loop: requests arrive at R/s (Poisson) and --concurrency only caps them, as "
+        "`vllm bench serve --request-rate`; above a mode's capacity its queue (and TTFT) grows",
+    )  # fmt: skip
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--request-timeout", type=float, default=600.0)
     run.add_argument("--out", type=Path, help="output directory (default results/<workload>-<time>)")
@@ -160,6 +165,7 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
         clients=args.clients,
         repeats=args.repeat,
         ramp_up=args.ramp_up,
+        request_rate=args.request_rate,
         seed=args.seed,
         request_timeout=args.request_timeout,
         picker_args=tuple(args.picker_arg),

@@ -51,6 +51,7 @@ class ClientJob:
     duration: float | None = None  # stop starting requests after this many seconds
     warmup: int = 0  # requests before `ready`, not measured
     ramp_up: float = 0.0  # seconds over which all clients' workers start, evenly (0: all at once)
+    request_rate: float | None = None  # open loop: sessions per second over all clients (Poisson)
     request_timeout: float = 600.0
 
     @property
@@ -226,7 +227,10 @@ class Client:
         self.result.started = time.monotonic()
         if job.duration is not None:
             self._deadline = self.result.started + job.duration
-        await self._drive(sessions, self._record, job.ramp_up)
+        if job.request_rate is None:
+            await self._drive(sessions, self._record, job.ramp_up)
+        else:
+            await self._arrive(sessions, job.request_rate * job.concurrency / sum(job.shares))
         self.result.ended = time.monotonic()
         self.result.cpu_seconds = time.process_time() - cpu
         return self.result
@@ -246,6 +250,24 @@ class Client:
                     return
 
         await asyncio.gather(*(worker((first + i) * step) for i in range(job.concurrency)))
+
+    async def _arrive(self, sessions: Iterator[Session], rate: float) -> None:
+        """Open loop, as `vllm bench serve --request-rate R --max-concurrency C`: sessions start at
+        Poisson arrivals whether or not earlier ones are done, at most `job.concurrency` at once
+        (a session waiting for a slot starts its clock when it gets one, as vLLM's does)."""
+        rng = random.Random(f"arrivals-{self.job.seed}-{self.job.index}")
+        slots = asyncio.Semaphore(self.job.concurrency)
+
+        async def start(session: Session) -> None:
+            async with slots:
+                await self._converse(session, self._record)
+
+        async with asyncio.TaskGroup() as started:
+            for session in sessions:
+                if time.monotonic() >= self._deadline:
+                    break
+                started.create_task(start(session))
+                await asyncio.sleep(rng.expovariate(rate))  # the arrival schedule itself
 
     async def _converse(self, session: Session, record: Callable[[Outcome], None]) -> bool:
         """Send a session's turns in order; False once the deadline has passed."""

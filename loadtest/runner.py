@@ -50,6 +50,7 @@ class RunPlan:
     picker_args: tuple[str, ...] = ()
     repeats: int = 1  # measure each mode this many times, interleaved, and pool the samples
     ramp_up: float = 0.0  # seconds over which the closed-loop workers start
+    request_rate: float | None = None  # open loop: Poisson arrivals per second, concurrency caps them
 
     def describe(self) -> dict[str, Any]:
         """The settings a report states (JSON-able)."""
@@ -67,6 +68,7 @@ class RunPlan:
             "client processes": self.clients or "auto",
             "repeats": self.repeats,
             "ramp-up (s)": self.ramp_up,
+            "request rate (/s)": self.request_rate or "closed loop",
             "seed": self.seed,
             "picker args": list(self.picker_args),
         }
@@ -146,6 +148,7 @@ def _jobs(plan: RunPlan, stack: Stack, concurrency: int, scratch: Path) -> list[
             warmup=max(1, warmup * share // concurrency),
             request_timeout=plan.request_timeout,
             ramp_up=plan.ramp_up,
+            request_rate=plan.request_rate,
         )
         for i, share in enumerate(shares)
     ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -170,3 +172,46 @@ async def test_shared_prefix_warm_up_primes_every_prefix_before_the_measured_run
     # Every measured request finds its group's prefix (whole 16-token blocks) already cached.
     hits = after["vllm:prefix_cache_hits_total"] - primed["vllm:prefix_cache_hits_total"]
     assert hits >= 6 * 240
+
+
+async def test_open_loop_arrivals_follow_the_seeded_poisson_schedule(serve, tmp_path: Path) -> None:
+    arrivals: list[float] = []
+
+    async def record(request: web.Request) -> web.Response:
+        arrivals.append(time.monotonic())
+        return web.json_response({"error": "no"}, status=429)
+
+    url = await serve(record)
+    job = ClientJob(
+        index=0, shares=[50], targets=[url], model="m", workload=to_dict(Uniform(input_tokens=8)), seed=4,
+        result_path=str(tmp_path / "r.json"), max_requests=8, request_rate=20.0,
+    )  # fmt: skip
+    async with aiohttp.ClientSession() as http:
+        result = await Client(job, http).run()
+    rng = random.Random("arrivals-4-0")
+    expected = list(itertools.accumulate(rng.expovariate(20.0) for _ in range(7)))
+    measured = [t - arrivals[0] for t in arrivals[1:]]
+    assert result.errors.total() == 8
+    assert measured == pytest.approx(expected, abs=0.03)  # not a burst: each at its arrival time
+
+
+async def test_open_loop_never_exceeds_the_concurrency_cap(serve, tmp_path: Path) -> None:
+    in_flight = peak = 0
+
+    async def hold(request: web.Request) -> web.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.1)  # service time: arrivals (100/s) outpace 2 slots
+        in_flight -= 1
+        return web.json_response({"error": "no"}, status=429)
+
+    url = await serve(hold)
+    job = ClientJob(
+        index=0, shares=[2], targets=[url], model="m", workload=to_dict(Uniform(input_tokens=8)), seed=0,
+        result_path=str(tmp_path / "r.json"), max_requests=8, request_rate=100.0,
+    )  # fmt: skip
+    async with aiohttp.ClientSession() as http:
+        result = await Client(job, http).run()
+    assert result.errors.total() == 8 and peak == 2
+    assert result.ended - result.started >= 0.4  # 8 requests through 2 slots of 0.1 s
