@@ -6,6 +6,7 @@ scheduling:
     - {type: queue, weight: 2}
     - {type: kv-cache-utilization, weight: 2}
     - {type: inflight-load, weight: 1}
+    - {type: latency, weight: 2}
     - {type: prefix-cache, weight: 3, params: {block_size_tokens: 16, max_prefix_blocks: 256}}
   picker: {type: max-score, params: {fallbacks: 2}}
 objectives: {critical: 100, default: 0, batch: -1}   # x-gateway-inference-objective -> priority
@@ -48,6 +49,7 @@ def _default_scorers() -> tuple[PluginSpec, ...]:
         PluginSpec("queue", 2.0),
         PluginSpec("kv-cache-utilization", 2.0),
         PluginSpec("inflight-load", 1.0),
+        PluginSpec("latency", 2.0),
         PluginSpec("prefix-cache", 3.0),
     )
 

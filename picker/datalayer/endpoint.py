@@ -17,6 +17,9 @@ class EngineMetrics:
     max_lora: int | None = None
     running_loras: frozenset[str] = frozenset()
     waiting_loras: frozenset[str] = frozenset()
+    # vllm:inter_token_latency_seconds histogram totals (cumulative): how fast it decodes.
+    itl_sum: float = 0.0
+    itl_count: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -33,6 +36,7 @@ class Endpoint:
     consecutive_failures: int = 0
     inflight_requests: int = 0
     inflight_tokens: int = 0
+    token_seconds: float = 0.0  # recent mean inter-token latency the engine reports; 0: none yet
     labels: dict[str, str] = field(default_factory=dict)
 
     def is_fresh(self, now: float, stale_after: float) -> bool:
@@ -42,6 +46,15 @@ class Endpoint:
             and self.consecutive_failures == 0
             and now - self.scraped_at <= stale_after
         )
+
+    def observe_metrics(self, metrics: EngineMetrics, weight: float = 0.3) -> None:
+        """Take a fresh scrape; fold the tokens generated since the last one into `token_seconds`."""
+        previous, self.metrics = self.metrics, metrics
+        if previous is None or metrics.itl_count <= previous.itl_count:
+            return  # nothing decoded since (or the engine restarted and its counters reset)
+        recent = (metrics.itl_sum - previous.itl_sum) / (metrics.itl_count - previous.itl_count)
+        if recent > 0.0:
+            self.token_seconds += weight * (recent - self.token_seconds) if self.token_seconds else recent
 
     @property
     def waiting(self) -> float:

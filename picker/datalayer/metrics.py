@@ -33,7 +33,8 @@ KV_TOLERANCE = 1e-6  # float error allowed outside [0, 1] before a KV fraction c
 # unrolled (`[^"\\]*(?:\\.[^"\\]*)*`): ~1.6x faster in CPython's engine than `(?:[^"\\]|\\.)*`.
 _SAMPLE_BODY = (
     rb"(vllm:(?:num_requests_(?:waiting|running)|(?:kv|gpu)_cache_usage_perc"
-    rb"|cache_config_info|lora_requests_info)"
+    rb"|cache_config_info|lora_requests_info"
+    rb"|(?:inter_token_latency|time_per_output_token)_seconds_(?:sum|count))"
     rb"|sglang:(?:num_(?:queue|running)_reqs|token_usage))"
     rb'(?:\{([^"}\n]*(?:"[^"\\\n]*(?:\\.[^"\\\n]*)*"[^"}\n]*)*)\})?'
     rb"[ \t]+(\S+)"
@@ -47,6 +48,9 @@ _WAITING = (b"vllm:num_requests_waiting", b"sglang:num_queue_reqs")
 _RUNNING = (b"vllm:num_requests_running", b"sglang:num_running_reqs")
 # First present wins: the current vLLM name, its pre-0.9 name, then SGLang's.
 _KV = (b"vllm:kv_cache_usage_perc", b"vllm:gpu_cache_usage_perc", b"sglang:token_usage")
+# Decode speed: the current histogram name, then its pre-0.10 name.
+_ITL_SUM = (b"vllm:inter_token_latency_seconds_sum", b"vllm:time_per_output_token_seconds_sum")
+_ITL_COUNT = (b"vllm:inter_token_latency_seconds_count", b"vllm:time_per_output_token_seconds_count")
 _CACHE_INFO = b"vllm:cache_config_info"
 _LORA_INFO = b"vllm:lora_requests_info"
 
@@ -86,6 +90,8 @@ def parse_metrics(page: bytes, max_bytes: int = MAX_PAGE_BYTES) -> EngineMetrics
         waiting=sum(waiting or ()),
         running=sum(running or ()),
         kv_usage=_kv_fraction(kv) if kv else 0.0,
+        itl_sum=sum(_first(values, _ITL_SUM) or ()),
+        itl_count=sum(_first(values, _ITL_COUNT) or ()),
     )
     if cache_infos:
         _apply_cache_info(metrics, cache_infos)

@@ -220,7 +220,7 @@ class Scraper:
                 endpoint.address,
                 endpoint.consecutive_failures,
             )
-        endpoint.metrics = metrics
+        endpoint.observe_metrics(metrics)
         endpoint.scraped_at = time.monotonic()
         endpoint.consecutive_failures = 0
         for callback in self._callbacks:

@@ -23,6 +23,7 @@ from picker.scheduling.pickers import TIE_TOLERANCE, MaxScorePicker
 from picker.scheduling.scorers import (
     InflightLoadScorer,
     KVCacheUtilizationScorer,
+    LatencyScorer,
     PrefixCacheScorer,
     QueueScorer,
     SessionAffinityScorer,
@@ -49,6 +50,7 @@ SCORERS: dict[str, type] = {
         QueueScorer,
         KVCacheUtilizationScorer,
         InflightLoadScorer,
+        LatencyScorer,
         PrefixCacheScorer,
         SessionAffinityScorer,
     )

@@ -95,6 +95,43 @@ class InflightLoadScorer:
 
 
 @dataclass(slots=True)
+class LatencyScorer:
+    """Prefer replicas that decode fastest: the recent mean inter-token latency each one reports.
+
+    A pool may mix fast and slow GPUs; in-flight counts alone would give each the same number of
+    requests, and the slow ones would set the tail latency. Each scrape's change in
+    `vllm:inter_token_latency_seconds` tells how fast a replica decodes right now, within one
+    scrape interval of its first tokens. A replica serves its batch concurrently and slows as the
+    batch grows, so the fast ones take the load until it slows them to the others' pace (queue and
+    KV scorers still guard against overload). Scale-free: within `tolerance` of the fastest
+    scores 1, `zero_at` times the fastest scores 0. Replicas with no measurement yet count as
+    the pool's average, so they get tried.
+    """
+
+    name: ClassVar[str] = "latency"
+    category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
+    tolerance: float = 0.5  # up to 50% slower than the fastest counts as just as fast
+    zero_at: float = 2.5  # this many times the fastest's latency scores 0
+
+    def __post_init__(self) -> None:
+        if self.tolerance < 0 or self.zero_at <= 1 + self.tolerance:
+            raise ValueError("latency scorer needs tolerance >= 0 and zero_at > 1 + tolerance")
+
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+        known = [t for ep in candidates if (t := ep.token_seconds) > 0.0]
+        if not known:
+            return [1.0] * len(candidates)
+        usual = sum(known) / len(known)
+        best = min(known)
+        # Batch size alone moves a replica's latency by tens of percent: only bigger gaps count.
+        free = 1.0 + self.tolerance
+        span = self.zero_at - free
+        return [
+            1.0 - min(1.0, max(0.0, ((ep.token_seconds or usual) / best - free) / span)) for ep in candidates
+        ]
+
+
+@dataclass(slots=True)
 class SessionAffinityScorer:
     """Requests of one session (`request.session_key`) prefer the endpoint that served it last."""
 

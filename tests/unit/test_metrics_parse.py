@@ -234,6 +234,20 @@ def test_realistic_vllm_page_two_engines() -> None:
     # The most recently stamped lora sample is current; its escaped quote is unescaped.
     assert metrics.running_loras == {"sql-lora", "chat-lora"}
     assert metrics.waiting_loras == {'q"uote'}
+    # Decode speed: the inter-token latency histogram's totals, summed over engines.
+    assert metrics.itl_count == 2 * 3
+    assert metrics.itl_sum == pytest.approx(2 * (0.02 + 3.0 + 700.0))
+
+
+def test_pre_010_time_per_output_token_histogram_is_the_decode_speed_fallback() -> None:
+    page = (
+        b'vllm:num_requests_waiting{engine="0"} 0\n'
+        b'vllm:time_per_output_token_seconds_sum{engine="0"} 1.5\n'
+        b'vllm:time_per_output_token_seconds_count{engine="0"} 100\n'
+        b'vllm:time_per_output_token_seconds_bucket{engine="0",le="+Inf"} 100\n'
+    )
+    metrics = parse_metrics(page)
+    assert (metrics.itl_sum, metrics.itl_count) == (1.5, 100)
 
 
 def test_single_engine_without_lora() -> None:

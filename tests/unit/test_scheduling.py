@@ -17,6 +17,7 @@ from picker.scheduling.scheduler import SCORERS, PluginContext, Scheduler, build
 from picker.scheduling.scorers import (
     InflightLoadScorer,
     KVCacheUtilizationScorer,
+    LatencyScorer,
     QueueScorer,
     SessionAffinityScorer,
 )
@@ -98,6 +99,37 @@ def test_small_load_differences_cost_little_below_the_minimum_span() -> None:
     assert scores(InflightLoadScorer(), a, b) == [1.0, 0.5]
     a.inflight_tokens, b.inflight_tokens = 0, 1024
     assert scores(InflightLoadScorer(measure="tokens"), a, b) == [1.0, 0.75]
+
+
+def decoded(ep: Endpoint, *scrapes: tuple[float, float]) -> Endpoint:
+    """Feed `ep` scrapes carrying cumulative (itl_sum, itl_count) histogram totals."""
+    for itl_sum, itl_count in scrapes:
+        ep.observe_metrics(EngineMetrics(itl_sum=itl_sum, itl_count=itl_count))
+    return ep
+
+
+def test_endpoint_learns_recent_token_latency_from_histogram_deltas() -> None:
+    ep = decoded(endpoint("a"), (10.0, 1000), (10.1, 1010))  # 10 tokens at 10 ms each
+    assert ep.token_seconds == pytest.approx(0.010)
+    decoded(ep, (10.1, 1010))  # idle: nothing decoded, the estimate stays
+    assert ep.token_seconds == pytest.approx(0.010)
+    decoded(ep, (10.5, 1020))  # 40 ms tokens now: the average moves towards them
+    assert 0.010 < ep.token_seconds < 0.040
+    decoded(ep, (0.0, 0))  # engine restarted, counters reset: no bogus sample
+    assert 0.010 < ep.token_seconds < 0.040
+
+
+def test_latency_scorer_ignores_small_gaps_and_zeroes_slow_replicas() -> None:
+    fast = decoded(endpoint("fast"), (0, 0), (0.6, 100))  # 6 ms per token
+    busier = decoded(endpoint("busier"), (0, 0), (0.8, 100))  # 8 ms: batch-size noise
+    slow = decoded(endpoint("slow"), (0, 0), (1.8, 100))  # 18 ms: a slower GPU
+    fresh = endpoint("fresh")  # not measured yet: counts as the pool's average
+    got = scores(LatencyScorer(), fast, busier, slow, fresh)
+    assert got[:3] == [1.0, 1.0, 0.0]
+    assert 0.0 < got[3] < 1.0
+    assert scores(LatencyScorer(), endpoint("x"), endpoint("y")) == [1.0, 1.0]
+    with pytest.raises(ValueError):
+        LatencyScorer(tolerance=1.0, zero_at=1.5)
 
 
 def test_queue_scorer_unknown_metrics_score_zero_and_do_not_set_the_scale() -> None:
@@ -237,9 +269,10 @@ def test_default_config_builds_every_default_plugin() -> None:
         "queue",
         "kv-cache-utilization",
         "inflight-load",
+        "latency",
         "prefix-cache",
     ]
-    assert sched.weights == [2.0, 2.0, 1.0, 3.0]
+    assert sched.weights == [2.0, 2.0, 1.0, 2.0, 3.0]
     assert [f.name for f in sched.filters] == ["subset", "healthy"]
 
 
