@@ -34,6 +34,7 @@ class Endpoint:
     metrics: EngineMetrics | None = None  # None until the first good scrape
     scraped_at: float = 0.0  # monotonic time of the last good scrape
     consecutive_failures: int = 0
+    last_failure: str = ""  # kind of the latest failed scrape: connect, timeout, status, parse
     inflight_requests: int = 0
     inflight_tokens: int = 0
     token_seconds: float = 0.0  # recent mean inter-token latency the engine reports; 0: none yet

@@ -242,6 +242,7 @@ class Scraper:
 
     def _failed(self, endpoint: Endpoint, kind: str, exc: Exception) -> None:
         endpoint.consecutive_failures += 1
+        endpoint.last_failure = kind
         SCRAPE_ERRORS.labels(endpoint.address, kind).inc()
         if endpoint.consecutive_failures == 1:  # log the start of a failure streak, not each tick
             log.warning(

@@ -31,7 +31,13 @@ class SubsetFilter:
 
 @dataclass(slots=True)
 class HealthyFilter:
-    """Keeps endpoints whose metrics are known and recent: anything else may be down or hung."""
+    """Keeps endpoints whose metrics are known and recent: anything else may be down or hung.
+
+    When none is fresh, the trouble is more likely on the picker's side (its own CPU starved, the
+    scrapes timing out everywhere at once) than every replica failing together: then endpoints
+    that were known and did not refuse the connection still get traffic, on their last metrics,
+    instead of every request getting a 503.
+    """
 
     name: ClassVar[str] = "healthy"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -40,4 +46,7 @@ class HealthyFilter:
     def filter(self, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
         now = self.clock()
         stale_after = self.metrics.stale_after
-        return [endpoint for endpoint in candidates if endpoint.is_fresh(now, stale_after)]
+        fresh = [endpoint for endpoint in candidates if endpoint.is_fresh(now, stale_after)]
+        if fresh:
+            return fresh
+        return [e for e in candidates if e.metrics is not None and e.last_failure != "connect"]

@@ -205,12 +205,20 @@ async def test_non_json_body_on_an_unknown_path_routes_by_load(make_picker) -> N
     assert destination(answers[-1])[0] in ENDPOINTS
 
 
-async def test_no_fresh_endpoint_is_503(make_picker) -> None:
+async def test_no_live_endpoint_is_503(make_picker) -> None:
     picker = await make_picker()
     for endpoint in picker.pool.endpoints:
-        endpoint.consecutive_failures = 3
+        endpoint.consecutive_failures, endpoint.last_failure = 3, "connect"
     answers = await picker.exchange(headers_message(), body_message(CHAT))
     assert _error(answers[-1])[0] == 503
+
+
+async def test_scrapes_timing_out_everywhere_still_route_on_last_metrics(make_picker) -> None:
+    picker = await make_picker()
+    for endpoint in picker.pool.endpoints:
+        endpoint.consecutive_failures, endpoint.last_failure = 2, "timeout"
+    answers = await picker.exchange(headers_message(), body_message(CHAT))
+    assert destination(answers[-1])[0] in ENDPOINTS
 
 
 async def test_sheddable_request_on_a_saturated_pool_gets_429_with_retry_after(make_picker) -> None:

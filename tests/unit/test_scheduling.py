@@ -83,6 +83,16 @@ def test_healthy_filter_keeps_only_fresh_endpoints() -> None:
     assert flt.filter(InferenceRequest(), [fresh, unknown, failing, stale]) == [fresh]
 
 
+def test_with_nothing_fresh_known_endpoints_that_did_not_refuse_are_kept() -> None:
+    clock = FakeClock(NOW + 2.0)
+    timing_out, refused, unknown = endpoint("slow:1"), endpoint("dead:1"), endpoint("new:1", None)
+    for failed, kind in ((timing_out, "timeout"), (refused, "connect")):
+        failed.consecutive_failures, failed.last_failure = 3, kind
+    flt = HealthyFilter(MetricsConfig(stale_after=2.0), clock)
+    assert flt.filter(InferenceRequest(), [timing_out, refused, unknown]) == [timing_out]
+    assert flt.filter(InferenceRequest(), [refused, unknown]) == []
+
+
 # --- scorers -------------------------------------------------------------------------------------
 
 
