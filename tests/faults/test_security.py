@@ -64,11 +64,13 @@ async def test_the_health_port_serves_health_only(fake_vllm, picker_server) -> N
     (replica,) = await fake_vllm(1)
     picker = await picker_server([replica.address])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.health_port}") as channel:
-        call = ExternalProcessorStub(channel).Process()
+        # A request iterator, not explicit writes: the server may reject the stream before a
+        # second write, which would then fail locally with a status of its own.
+        messages = [headers_message(), body_message(b'{"prompt": "' + SECRET.encode() + b'"}')]
+        call = ExternalProcessorStub(channel).Process(iter(messages))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await call.write(headers_message())
-            await call.write(body_message(b'{"prompt": "' + SECRET.encode() + b'"}'))
-            await call.read()
+            async for _ in call:
+                pass
     assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
