@@ -13,13 +13,12 @@ import httpx
 import psutil
 import pytest
 import yaml
-from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 
 from loadtest.envoy import ENVOY_DIR
 from picker.cli import build_parser
 from picker.tls import self_signed
 from tests.faults.conftest import CHAT, chat
-from tests.protocol.conftest import body_message, headers_message
+from tests.protocol.conftest import body_message
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,13 +63,12 @@ async def test_the_health_port_serves_health_only(fake_vllm, picker_server) -> N
     (replica,) = await fake_vllm(1)
     picker = await picker_server([replica.address])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.health_port}") as channel:
-        # A request iterator, not explicit writes: the server may reject the stream before a
-        # second write, which would then fail locally with a status of its own.
-        messages = [headers_message(), body_message(b'{"prompt": "' + SECRET.encode() + b'"}')]
-        call = ExternalProcessorStub(channel).Process(iter(messages))
+        # One message in one call: a stream the server rejects while the client is still
+        # writing can end INTERNAL on the client side instead of with the server's status.
+        process = channel.unary_unary("/envoy.service.ext_proc.v3.ExternalProcessor/Process")
+        body = body_message(b'{"prompt": "' + SECRET.encode() + b'"}').SerializeToString()
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            async for _ in call:
-                pass
+            await process(body)
     assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
