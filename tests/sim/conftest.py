@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.sim.engine import SimRequest
 from loadtest.sim.profiles import Profile, StepCost
 from loadtest.sim.server import Replica, SimConfig, run_replicas
 
@@ -56,6 +58,20 @@ async def scrape(http: httpx.AsyncClient) -> Samples:
 def value(samples: Samples, name: str, model: str = MODEL, **labels: str) -> float:
     wanted = {"model_name": model, "engine": "0", **labels}
     return samples[(name, frozenset(wanted.items()))]
+
+
+def spy_on_submissions(replica: Replica, monkeypatch: pytest.MonkeyPatch) -> asyncio.Queue[SimRequest]:
+    """Queue every request the replica's engine accepts, as it is submitted."""
+    submitted: asyncio.Queue[SimRequest] = asyncio.Queue()
+    submit = replica.engine.submit
+
+    def spy(*args: Any, **kwargs: Any) -> SimRequest:
+        request = submit(*args, **kwargs)
+        submitted.put_nowait(request)
+        return request
+
+    monkeypatch.setattr(replica.engine, "submit", spy)
+    return submitted
 
 
 async def timed_completion(http: httpx.AsyncClient, **body: Any) -> tuple[float, dict[str, Any]]:

@@ -7,18 +7,17 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any
 
 import aiohttp
 import httpx
 import openai
 import pytest
 
-from loadtest.sim.engine import SimRequest, Status
+from loadtest.sim.engine import Status
 from loadtest.sim.profiles import PROFILES
 from loadtest.sim.server import REPLICA_HEADER, Replica, SimConfig, run_replicas
 from picker.datalayer.metrics import parse_metrics
-from tests.sim.conftest import FAST, MODEL, client_for, scrape, value
+from tests.sim.conftest import FAST, MODEL, client_for, scrape, spy_on_submissions, value
 
 
 def sdk(replica: Replica) -> openai.AsyncOpenAI:
@@ -176,15 +175,7 @@ async def test_client_disconnect_aborts_a_stream(replica: Replica, http: httpx.A
 async def test_client_disconnect_aborts_a_non_streaming_request(
     replica: Replica, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    submitted: asyncio.Queue[SimRequest] = asyncio.Queue()
-    submit = replica.engine.submit
-
-    def spy(*args: Any, **kwargs: Any) -> SimRequest:
-        request = submit(*args, **kwargs)
-        submitted.put_nowait(request)
-        return request
-
-    monkeypatch.setattr(replica.engine, "submit", spy)
+    submitted = spy_on_submissions(replica, monkeypatch)
     host, port = replica.address.rsplit(":", 1)
     _, writer = await asyncio.open_connection(host, int(port))
     body = b'{"prompt": "x", "max_tokens": 3000}'

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
-from loadtest.sim.engine import SimRequest
-from loadtest.sim.server import Replica, run_replicas
-from tests.sim.conftest import client_for, scrape, timed_completion, value
+from loadtest.sim.server import run_replicas
+from tests.sim.conftest import client_for, scrape, spy_on_submissions, timed_completion, value
 
 SMALL_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -17,19 +15,6 @@ SMALL_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 def text(tokens: int, seed: int) -> str:
     """Distinct text of `tokens` tokens per seed (every block differs between seeds)."""
     return f"{seed:08d}" * (tokens // 2)
-
-
-def spy_on_submissions(replica: Replica, monkeypatch: pytest.MonkeyPatch) -> asyncio.Queue[SimRequest]:
-    submitted: asyncio.Queue[SimRequest] = asyncio.Queue()
-    submit = replica.engine.submit
-
-    def spy(*args: Any, **kwargs: Any) -> SimRequest:
-        request = submit(*args, **kwargs)
-        submitted.put_nowait(request)
-        return request
-
-    monkeypatch.setattr(replica.engine, "submit", spy)
-    return submitted
 
 
 async def test_shared_prefix_cuts_ttft_and_counts_hits() -> None:
