@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from loadtest.client import Client, ClientJob, request_body, stream_request
+from loadtest.client import Client, ClientJob, ClientResult, request_body, stream_request
 from loadtest.observe import scrape_counters
 from loadtest.processes import free_port
 from loadtest.sim import run_replicas
@@ -48,6 +48,12 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
         await runner.cleanup()
 
 
+async def run_job(job: ClientJob) -> ClientResult:
+    """Run one client job to its end in a fresh session; return its result."""
+    async with aiohttp.ClientSession() as http:
+        return await Client(job, http).run()
+
+
 def completion(max_tokens: int = 8) -> dict[str, object]:
     return request_body("m", Session(("hello " * 20,), (max_tokens,), chat=False), 0, [])
 
@@ -72,8 +78,7 @@ async def test_multi_turn_resends_answers_so_later_turns_hit_the_cache(tmp_path:
             index=0, shares=[2], targets=[f"http://{replica.address}"], model=replica.config.model_name,
             workload=workload, seed=3, result_path=str(tmp_path / "r.json"), max_requests=9,
         )  # fmt: skip
-        async with aiohttp.ClientSession() as http:
-            result = await Client(job, http).run()
+        result = await run_job(job)
         page = (await scrape_counters([replica.address]))[replica.address]
     assert result.completed == 9 and not result.errors
     assert result.replicas == {"0": 9}
@@ -126,8 +131,7 @@ async def test_errors_are_counted_and_the_run_still_ends(serve, tmp_path: Path) 
         index=0, shares=[3], targets=[url], model="m", workload=workload, seed=0,
         result_path=str(tmp_path / "r.json"), max_requests=7,
     )  # fmt: skip
-    async with aiohttp.ClientSession() as http:
-        result = await Client(job, http).run()
+    result = await run_job(job)
     assert result.completed == 0 and result.errors == {"http_429": 7}
     assert not result.ttft
 
@@ -145,8 +149,7 @@ async def test_ramp_up_starts_each_worker_at_its_slot_across_clients(serve, tmp_
         index=1, shares=[2, 2], targets=[url], model="m", workload=to_dict(Uniform(input_tokens=8)), seed=0,
         result_path=str(tmp_path / "r.json"), max_requests=4, ramp_up=0.4,
     )  # fmt: skip
-    async with aiohttp.ClientSession() as http:
-        result = await Client(job, http).run()
+    result = await run_job(job)
     # Client 1 runs the 3rd and 4th of 4 workers: they start 0.2 s and 0.3 s into the run.
     offsets = sorted(t - result.started for t in arrivals)
     assert len(offsets) == result.errors.total() == 2
@@ -186,8 +189,7 @@ async def test_open_loop_arrivals_follow_the_seeded_poisson_schedule(serve, tmp_
         index=0, shares=[50], targets=[url], model="m", workload=to_dict(Uniform(input_tokens=8)), seed=4,
         result_path=str(tmp_path / "r.json"), max_requests=8, request_rate=20.0,
     )  # fmt: skip
-    async with aiohttp.ClientSession() as http:
-        result = await Client(job, http).run()
+    result = await run_job(job)
     rng = random.Random("arrivals-4-0")
     expected = list(itertools.accumulate(rng.expovariate(20.0) for _ in range(7)))
     measured = [t - arrivals[0] for t in arrivals[1:]]
@@ -211,7 +213,6 @@ async def test_open_loop_never_exceeds_the_concurrency_cap(serve, tmp_path: Path
         index=0, shares=[2], targets=[url], model="m", workload=to_dict(Uniform(input_tokens=8)), seed=0,
         result_path=str(tmp_path / "r.json"), max_requests=8, request_rate=100.0,
     )  # fmt: skip
-    async with aiohttp.ClientSession() as http:
-        result = await Client(job, http).run()
+    result = await run_job(job)
     assert result.errors.total() == 8 and peak == 2
     assert result.ended - result.started >= 0.4  # 8 requests through 2 slots of 0.1 s
