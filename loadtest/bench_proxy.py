@@ -164,7 +164,7 @@ async def drive(
     roles = {**pids, **{f"client-{i}": p.pid for i, p in enumerate(procs)}}
     before, started = process_cpu(roles), time.monotonic()
     outputs = [await p.communicate() for p in procs]
-    cpu_after = process_cpu({role: pid for role, pid in pids.items()})
+    cpu_after = process_cpu(pids)
     elapsed = time.monotonic() - started
     cpu = {role: round(cpu_after[role] - before[role], 3) for role in pids}
     results = [json.loads(out) for out, _ in outputs]
