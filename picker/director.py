@@ -59,12 +59,13 @@ class Director:
 
     def route(self, request: InferenceRequest) -> Routed | Refused:
         started = time.perf_counter()
-        candidates = self.pool.endpoints
-        if request.subset is not None:
-            candidates = tuple(e for e in candidates if e.address in request.subset)
-        rejection = self.admission.check(request, candidates)
-        if rejection is not None:
-            return Refused(rejection.status, rejection.message, rejection.retry_after)
+        if request.sheddable:  # only sheddable requests can be refused for saturation
+            candidates = self.pool.endpoints
+            if request.subset is not None:
+                candidates = tuple(e for e in candidates if e.address in request.subset)
+            rejection = self.admission.check(request, candidates)
+            if rejection is not None:
+                return Refused(rejection.status, rejection.message, rejection.retry_after)
         result = self.scheduler.schedule(request)
         if result is None:
             if request.subset is not None:
@@ -102,7 +103,6 @@ class Director:
 
     @staticmethod
     def _hold(endpoint: Endpoint, requests: int, tokens: int) -> None:
+        # The in-flight gauges read these counters when collected (see Scraper._bind_gauges).
         endpoint.inflight_requests += requests
         endpoint.inflight_tokens += tokens
-        telemetry.INFLIGHT_REQUESTS.labels(endpoint.address).set(endpoint.inflight_requests)
-        telemetry.INFLIGHT_TOKENS.labels(endpoint.address).set(endpoint.inflight_tokens)

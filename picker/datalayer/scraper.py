@@ -22,7 +22,14 @@ from picker.config import MetricsConfig
 from picker.datalayer.endpoint import Endpoint
 from picker.datalayer.metrics import MAX_PAGE_BYTES, MetricsError, parse_metrics
 from picker.datalayer.pool import EndpointPool
-from picker.telemetry import ENDPOINT_ROUTABLE, SCRAPE_AGE, SCRAPE_ERRORS, forget_endpoint
+from picker.telemetry import (
+    ENDPOINT_ROUTABLE,
+    INFLIGHT_REQUESTS,
+    INFLIGHT_TOKENS,
+    SCRAPE_AGE,
+    SCRAPE_ERRORS,
+    forget_endpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +187,9 @@ class Scraper:
         return task
 
     def _bind_gauges(self, endpoint: Endpoint) -> None:
-        """Age and routability are read from the endpoint when Prometheus collects: always
-        current, even while a scrape hangs, and no per-tick cost."""
+        """Age, routability and in-flight load are read from the endpoint when Prometheus
+        collects: always current, even while a scrape hangs, and no per-tick or per-request
+        cost."""
         if self._gauged.get(endpoint.address) is endpoint:
             return
         self._gauged[endpoint.address] = endpoint
@@ -192,6 +200,8 @@ class Scraper:
         ENDPOINT_ROUTABLE.labels(endpoint.address).set_function(
             lambda: float(endpoint.is_fresh(time.monotonic(), stale_after))
         )
+        INFLIGHT_REQUESTS.labels(endpoint.address).set_function(lambda: endpoint.inflight_requests)
+        INFLIGHT_TOKENS.labels(endpoint.address).set_function(lambda: endpoint.inflight_tokens)
 
     def _scrape_done(self, address: str, task: asyncio.Task[None]) -> None:
         if self._inflight.get(address) is task:
