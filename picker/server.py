@@ -19,13 +19,11 @@ from picker.datalayer.scraper import Scraper
 from picker.director import Director
 from picker.discovery.source import EndpointSource
 from picker.protocol.extproc import ExtProcService
-from picker.protocol.health import Health
+from picker.protocol.health import EXTPROC, Health
 from picker.scheduling.scheduler import Scheduler
 from picker.tls import server_credentials
 
 log = logging.getLogger(__name__)
-
-EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 @dataclass
@@ -60,7 +58,7 @@ def _grpc_options(config: Config) -> list[tuple[str, int]]:
 def extproc_handler(service: ExtProcService) -> grpc.GenericRpcHandler:
     """Raw-bytes handler: no (de)serializers, so answers go out as the cached bytes they are."""
     return grpc.method_handlers_generic_handler(
-        EXTPROC_SERVICE, {"Process": grpc.stream_stream_rpc_method_handler(service.process)}
+        EXTPROC, {"Process": grpc.stream_stream_rpc_method_handler(service.process)}
     )
 
 
