@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
@@ -20,12 +21,17 @@ from picker.datalayer.metrics import parse_metrics
 from tests.sim.conftest import FAST, MODEL, client_for, scrape, spy_on_submissions, value
 
 
-def sdk(replica: Replica) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(api_key="unused", base_url=f"http://{replica.address}/v1", max_retries=0)
+@pytest.fixture
+async def sdk(replica: Replica) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official client, closed after the test: left to the garbage collector, it schedules
+    its own close on whatever event loop is running then (another test's, or a closed one)."""
+    base_url = f"http://{replica.address}/v1"
+    async with openai.AsyncOpenAI(api_key="unused", base_url=base_url, max_retries=0) as client:
+        yield client
 
 
-async def test_streaming_chat_through_the_openai_sdk(replica: Replica) -> None:
-    stream = await sdk(replica).chat.completions.create(
+async def test_streaming_chat_through_the_openai_sdk(replica: Replica, sdk: openai.AsyncOpenAI) -> None:
+    stream = await sdk.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "hello"}],
         max_tokens=12,
@@ -43,8 +49,8 @@ async def test_streaming_chat_through_the_openai_sdk(replica: Replica) -> None:
     assert chunks[-1].usage.prompt_tokens == len("user\nhello\nassistant\n") // 4 + 1
 
 
-async def test_completion_without_streaming(replica: Replica) -> None:
-    result = await sdk(replica).completions.create(model=MODEL, prompt="abcd" * 50, max_tokens=5)
+async def test_completion_without_streaming(replica: Replica, sdk: openai.AsyncOpenAI) -> None:
+    result = await sdk.completions.create(model=MODEL, prompt="abcd" * 50, max_tokens=5)
     assert result.object == "text_completion" and result.model == MODEL
     assert len(result.choices[0].text) == 20 and result.choices[0].finish_reason == "length"
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (50, 5)
@@ -216,9 +222,9 @@ async def test_invalid_requests_get_openai_errors(
     assert fragment in response.json()["error"]["message"]
 
 
-async def test_sdk_raises_not_found_for_an_unknown_model(replica: Replica) -> None:
+async def test_sdk_raises_not_found_for_an_unknown_model(replica: Replica, sdk: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
-        await sdk(replica).completions.create(model="missing", prompt="x", max_tokens=1)
+        await sdk.completions.create(model="missing", prompt="x", max_tokens=1)
 
 
 async def test_health(http: httpx.AsyncClient) -> None:
