@@ -1,10 +1,11 @@
 """In-process decision latency: one full scheduling cycle per request, as the ext_proc server runs it.
 
 A cycle is `apply_body` on an OpenAI chat body (orjson parse, prompt prefix join), then
-`Scheduler.schedule` with the default plugins (filters, queue / KV / in-flight / prefix scorers,
-max-score picker, observers recording the pick in the prefix index). The index is warmed first with
-requests from groups sharing long system prompts, and endpoints are held in flight for a while
-after each pick, as the director does, so the in-flight scorer and the load guard see real numbers.
+`RequestControl.decide` with the default plugins (filters, queue / KV / in-flight / prefix
+scorers, max-score picker, holding the load, the prefix index recording the pick). The index is
+warmed first with requests from groups sharing long system prompts, decisions are released a
+while later and each endpoint is "scraped" in turn (outside the timing), as in the server, so the
+in-flight scorer and the load guard see real numbers.
 
     python -m loadtest.bench_decision --out DIR    # writes DIR/bench_decision.json, prints a table
 """
@@ -26,10 +27,12 @@ from pathlib import Path
 
 import orjson
 
+from picker.admission import Admission
 from picker.config import Config
 from picker.datalayer.endpoint import EngineMetrics
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest, apply_body
+from picker.requestcontrol import Decision, RequestControl
 from picker.scheduling.scheduler import Scheduler
 from picker.scheduling.scorers import PrefixCacheScorer
 
@@ -51,7 +54,7 @@ class CellResult:
     cpu_p50_us: float  # thread CPU time of the cycle: the same minus preemption by other processes
     cpu_p99_us: float
     parse_p50_us: float  # apply_body alone
-    schedule_p50_us: float  # Scheduler.schedule alone (filters, scorers, picker, observers)
+    schedule_p50_us: float  # RequestControl.decide alone (filters, scorers, picker, holding, learning)
     index_blocks: int  # distinct blocks in the prefix index once warm
     gc_collections: int  # garbage-collector runs during the measured requests
 
@@ -102,8 +105,9 @@ def run_cell(endpoints: int, prompt_kb: int, warm: int, requests: int, seed: int
         )
         ep.scraped_at = NOW
     scheduler = Scheduler.from_config(config, pool, clock=lambda: NOW, rng=rng)
+    control = RequestControl(pool, scheduler, Admission(config.saturation, config.metrics), config)
     max_prefix_chars = config.limits.max_prefix_chars
-    held: collections.deque = collections.deque()
+    held: collections.deque[Decision] = collections.deque()
     hold_for = 4 * endpoints  # decisions an endpoint stays in flight: ~4 requests each
 
     source = bodies(rng, prompt_kb * 1024, groups=max(16, endpoints // 2))
@@ -124,15 +128,15 @@ def run_cell(endpoints: int, prompt_kb: int, warm: int, requests: int, seed: int
         )
         apply_body(request, body, max_prefix_chars)
         t1 = clock()
-        result = scheduler.schedule(request)
+        decision = control.decide(request)
         t2 = clock()
         c2 = cpu_clock()
-        assert result is not None
-        chosen = result.endpoints[0]
-        chosen.inflight_requests += 1
-        held.append(chosen)
+        assert isinstance(decision, Decision)
+        held.append(decision)
         if len(held) > hold_for:
-            held.popleft().inflight_requests -= 1
+            control.release(held.popleft(), lived_as_exchange=True)
+        scraped = pool.endpoints[i % endpoints]  # one scrape per decision, round robin
+        scraped.observe_metrics(scraped.metrics or EngineMetrics(), time.monotonic())
         if i >= warm:
             full.append((t2 - t0) / 1000)
             parse.append((t1 - t0) / 1000)
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(f"{getattr(cell, key):>{len(title)}}" for key, title in TABLE), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "benchmark": "decision latency: apply_body + Scheduler.schedule (default config), warm index",
+        "benchmark": "decision latency: apply_body + RequestControl.decide (default config), warm index",
         "python": sys.version.split()[0],
         "machine": platform.machine(),
         "warm_requests": args.warm,

@@ -1,7 +1,7 @@
 """Admission: shed sheddable requests (priority < 0) while the pool is saturated.
 
 Saturation follows the reference EPP: an endpoint's saturation is max(waiting / queue_threshold,
-kv_usage / kv_threshold), an endpoint with stale or unknown metrics counts as saturated, and the
+kv_usage / kv_threshold), an endpoint whose metrics are not fresh counts as saturated, and the
 pool is saturated when the mean over the candidates reaches 1. Each endpoint's value is capped at 1
 so one runaway replica cannot shed traffic its idle peers could serve: the pool is saturated
 exactly when no candidate has room, and the mean below 1 says how close it is.
@@ -14,17 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from picker.config import MetricsConfig, SaturationConfig
-from picker.datalayer.endpoint import Endpoint
-from picker.request import InferenceRequest
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """An answer the picker gives itself instead of routing (an ImmediateResponse)."""
-
-    status: int
-    message: str
-    retry_after: int  # seconds, for the Retry-After header
+from picker.datalayer.endpoint import Endpoint, Freshness
+from picker.errors import Refusal
 
 
 @dataclass(slots=True)
@@ -38,26 +29,26 @@ class Admission:
             raise ValueError("saturation thresholds must be positive")
 
     def endpoint_saturation(self, endpoint: Endpoint, now: float) -> float:
-        """0 (idle) .. 1 (saturated); stale or unknown metrics -> 1, we cannot count on it."""
+        """0 (idle) .. 1 (saturated); metrics not fresh -> 1, we cannot count on it."""
         m = endpoint.metrics
-        if m is None or not endpoint.is_fresh(now, self.metrics.stale_after):
+        if m is None or endpoint.freshness(now, self.metrics.stale_after) is not Freshness.FRESH:
             return 1.0
         cfg = self.saturation
         return min(1.0, max(m.waiting / cfg.queue_threshold, m.kv_usage / cfg.kv_threshold))
 
     def pool_saturation(self, candidates: Sequence[Endpoint]) -> float:
-        """Mean endpoint saturation; 0 for no candidates (that is a 503 for the scheduler)."""
+        """Mean endpoint saturation; 0 for no candidates (that is a 503, not shedding)."""
         if not candidates:
             return 0.0
         now = self.clock()
         return sum(self.endpoint_saturation(ep, now) for ep in candidates) / len(candidates)
 
-    def check(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Rejection | None:
-        """A 429 for a sheddable request meeting a saturated pool; None admits the request."""
-        if not request.sheddable or self.pool_saturation(candidates) < 1.0:
+    def check(self, candidates: Sequence[Endpoint]) -> Refusal | None:
+        """A 429 for a sheddable request meeting a saturated pool; None admits it."""
+        if self.pool_saturation(candidates) < 1.0:
             return None
-        return Rejection(
-            status=429,
-            message="the inference pool is saturated; sheddable requests are rejected until it recovers",
+        return Refusal(
+            429,
+            "the inference pool is saturated; sheddable requests are rejected until it recovers",
             retry_after=self.saturation.retry_after_seconds,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config-file", help="YAML: scorers and weights, objectives, thresholds (see picker.config)"
     )
+    serve.add_argument(
+        "--response-processing",
+        choices=("close", "echo"),
+        help="full-duplex gateways: end the ext_proc stream with the request phase (close, the "
+        "default) or hand every response chunk back (echo); overrides the config file",
+    )
     serve.add_argument("--endpoints", help="static pool: comma-separated ip:port list of vLLM replicas")
     serve.add_argument("--pool-name", help="InferencePool to watch for endpoints")
     serve.add_argument(
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         config = Config.load(args.config_file)
     except (OSError, ValueError) as exc:
         parser.error(f"--config-file: {exc}")
+    if args.response_processing is not None:
+        config = dataclasses.replace(config, response_processing=args.response_processing)
     from picker.server import PickerServer, ServeOptions
 
     server = PickerServer(

@@ -11,8 +11,9 @@ scheduling:
   picker: {type: max-score, params: {fallbacks: 2}}
 objectives: {critical: 100, default: 0, batch: -1}   # x-gateway-inference-objective -> priority
 saturation: {queue_threshold: 5, kv_threshold: 0.8, retry_after_seconds: 1}
-metrics: {scrape_interval: 0.1, stale_after: 2.0, timeout: 1.0, fast_end_probe: 0.02}
+metrics: {scrape_interval: 0.1, stale_after: 2.0, timeout: 1.0, fast_end_probe: 0.02, arrival_delay: 0.01}
 limits: {max_body_bytes: 8388608, max_prefix_chars: 16384}
+response_processing: close           # or echo (full-duplex gateways; see picker/protocol/extproc.py)
 ```
 
 Limits on what one request may cost the picker (its event loop serves every request):
@@ -56,7 +57,7 @@ def _default_scorers() -> tuple[PluginSpec, ...]:
 
 @dataclass(frozen=True, slots=True)
 class SchedulingConfig:
-    filters: tuple[PluginSpec, ...] = (PluginSpec("subset"), PluginSpec("healthy"))
+    filters: tuple[PluginSpec, ...] = (PluginSpec("healthy"),)
     scorers: tuple[PluginSpec, ...] = field(default_factory=_default_scorers)
     picker: PluginSpec = PluginSpec("max-score")
 
@@ -79,6 +80,9 @@ class MetricsConfig:
     # An exchange that ends this soon after its pick (a refused connection does) makes the
     # scraper probe its endpoint at once, at most once per scrape_interval; 0 turns it off.
     fast_end_probe: float = 0.02
+    # Seconds a routed request may take to reach its engine: a scrape that began later counts
+    # it, so the picker stops adding it to the endpoint's load (Endpoint.pending).
+    arrival_delay: float = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,10 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     limits: LimitsConfig = LimitsConfig()
     session_header: str = "x-session-id"
+    # Full-duplex gateways send every response chunk: "close" ends the ext_proc stream with the
+    # request phase (no per-token cost), "echo" hands each chunk back (for gateways that treat a
+    # clean close as an error, e.g. agentgateway#3436). See picker/protocol/extproc.py.
+    response_processing: str = "close"
 
     @classmethod
     def load(cls, path: str | Path | None) -> Config:
@@ -126,7 +134,19 @@ class Config:
             metrics=_section(MetricsConfig, doc.get("metrics")),
             limits=_section(LimitsConfig, doc.get("limits")),
             session_header=str(doc.get("session_header", "x-session-id")).lower(),
+            response_processing=_choice(
+                "response_processing", doc.get("response_processing", "close"), RESPONSE_PROCESSING
+            ),
         )
+
+
+RESPONSE_PROCESSING = ("close", "echo")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return str(value)
 
 
 def _plugin(item: Any) -> PluginSpec:

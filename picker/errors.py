@@ -1,4 +1,4 @@
-"""OpenAI-style error bodies, shared by the picker's immediate responses and the simulator."""
+"""The one way the picker says no: a `Refusal`, answered to the client as an OpenAI-style error."""
 
 from __future__ import annotations
 
@@ -13,6 +13,20 @@ _TYPES = {
     429: "rate_limit_exceeded",
     503: "service_unavailable",
 }
+
+
+class Refusal(Exception):
+    """A request the picker answers itself (an ext_proc ImmediateResponse) instead of routing.
+
+    Raised or returned wherever the reason is found (parsing: 400, limits: 413, admission: 429,
+    no candidate: 503); the protocol layer turns every one into the same kind of answer.
+    """
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after  # seconds, for a Retry-After header
 
 
 def openai_error_body(status: int, message: str, code: str | None = None) -> bytes:

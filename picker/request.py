@@ -15,15 +15,9 @@ from typing import Any
 
 import orjson
 
+from picker.errors import Refusal
+
 CHARS_PER_TOKEN = 4
-
-
-class BadRequest(ValueError):
-    """The client sent something no replica could serve; answered with a 400 (or `status`)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(slots=True)
@@ -61,7 +55,7 @@ def is_json_content_type(content_type: str) -> bool:
 def apply_body(request: InferenceRequest, body: bytes, max_prefix_chars: int) -> None:
     """Fill model / prompt / stream from an OpenAI-style body.
 
-    Raises BadRequest only when the body claims to be JSON (or looks like a JSON object) and is
+    Raises a 400 Refusal only when the body claims to be JSON (or looks like a JSON object) and is
     not a well-formed OpenAI request; any other body routes on load alone.
     """
     request.body_bytes = len(body)
@@ -74,13 +68,13 @@ def apply_body(request: InferenceRequest, body: bytes, max_prefix_chars: int) ->
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         if declared:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+            raise Refusal(400, f"request body is not valid JSON: {exc}") from None
         return
     if not isinstance(doc, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise Refusal(400, "request body must be a JSON object")
     model = doc.get("model", "")
     if not isinstance(model, str):
-        raise BadRequest("'model' must be a string")
+        raise Refusal(400, "'model' must be a string")
     request.model = model
     request.stream = doc.get("stream") is True
     parts = _PromptBuilder(max_prefix_chars)
@@ -130,12 +124,12 @@ class _PromptBuilder:
 
 def _chat_messages(messages: object, parts: _PromptBuilder) -> None:
     if not isinstance(messages, list):
-        raise BadRequest("'messages' must be an array")
+        raise Refusal(400, "'messages' must be an array")
     for message in messages:
         if parts.full():
             return
         if not isinstance(message, dict):
-            raise BadRequest("each message must be an object")
+            raise Refusal(400, "each message must be an object")
         _message(message, parts)
 
 
@@ -161,7 +155,7 @@ def _content(content: object, parts: _PromptBuilder) -> None:
             elif isinstance(part, str):
                 parts.add(part)
     elif content is not None:
-        raise BadRequest("message 'content' must be a string or an array of parts")
+        raise Refusal(400, "message 'content' must be a string or an array of parts")
 
 
 def _completion_prompt(prompt: object, parts: _PromptBuilder) -> None:
@@ -179,7 +173,7 @@ def _text_or_tokens(value: object, parts: _PromptBuilder, field: str, *, items: 
         parts.add(value)
         return
     if not isinstance(value, list):
-        raise BadRequest(f"'{field}' must be a string or an array")
+        raise Refusal(400, f"'{field}' must be a string or an array")
     if value and isinstance(value[0], int):
         _token_ids(value, parts)
         return
@@ -193,8 +187,8 @@ def _text_or_tokens(value: object, parts: _PromptBuilder, field: str, *, items: 
         elif items and isinstance(item, dict):
             _message(item, parts)
         else:
-            raise BadRequest(
-                f"'{field}' items must be strings or token ids" + (" or objects" if items else "")
+            raise Refusal(
+                400, f"'{field}' items must be strings or token ids" + (" or objects" if items else "")
             )
 
 
@@ -204,5 +198,5 @@ def _token_ids(ids: list[object], parts: _PromptBuilder) -> None:
         if parts.full():
             return
         if not isinstance(token, int):
-            raise BadRequest("token-id prompts must contain only integers")
+            raise Refusal(400, "token-id prompts must contain only integers")
         parts.add(f"{token:>{CHARS_PER_TOKEN}}"[-CHARS_PER_TOKEN:])

@@ -16,10 +16,10 @@ from picker.admission import Admission
 from picker.config import Config
 from picker.datalayer.pool import EndpointPool
 from picker.datalayer.scraper import Scraper
-from picker.director import Director
 from picker.discovery.source import EndpointSource
 from picker.protocol.extproc import ExtProcService
 from picker.protocol.health import EXTPROC, Health
+from picker.requestcontrol import RequestControl
 from picker.scheduling.scheduler import Scheduler
 from picker.tls import server_credentials
 
@@ -56,10 +56,16 @@ def _grpc_options(config: Config) -> list[tuple[str, int]]:
 
 
 def extproc_handler(service: ExtProcService) -> grpc.GenericRpcHandler:
-    """Raw-bytes handler: no (de)serializers, so answers go out as the cached bytes they are."""
-    return grpc.method_handlers_generic_handler(
-        EXTPROC, {"Process": grpc.stream_stream_rpc_method_handler(service.process)}
-    )
+    """Raw-bytes handler: no (de)serializers, so answers go out as the cached bytes they are.
+
+    `close` serves Process as stream-unary so its last answer can share a batch with the RPC's
+    end (see picker.protocol.extproc); to the gateway either is a bidirectional stream.
+    """
+    if service.closing:
+        handler = grpc.stream_unary_rpc_method_handler(service.process_closing)
+    else:
+        handler = grpc.stream_stream_rpc_method_handler(service.process_echoing)
+    return grpc.method_handlers_generic_handler(EXTPROC, {"Process": handler})
 
 
 class PickerServer:
@@ -69,15 +75,15 @@ class PickerServer:
         self.pool = EndpointPool()
         self.scraper = Scraper(self.pool, config.metrics)
         self.scheduler = Scheduler.from_config(config, self.pool)
-        self.director = Director(
+        self.control = RequestControl(
             self.pool,
             self.scheduler,
             Admission(config.saturation, config.metrics),
+            config,
             log_prompts=options.log_prompts,
             probe=self.scraper.probe,
-            fast_end=config.metrics.fast_end_probe,
         )
-        self.extproc = ExtProcService(self.director, config)
+        self.extproc = ExtProcService(self.control, config)
         self.health = Health()
         self._servers: list[grpc.aio.Server] = []
         self._services: list[asyncio.Task[None]] = []

@@ -65,6 +65,11 @@ IMMEDIATE_RESPONSES = Counter(
     ["status"],
     registry=REGISTRY,
 )
+LEAN_CLOSES = Counter(
+    "picker_extproc_lean_closes_total",
+    "ext_proc streams the picker ended with the request phase, so the response skipped it.",
+    registry=REGISTRY,
+)
 STREAMS_OPEN = Gauge(
     "picker_extproc_streams_open",
     "ext_proc streams currently open (one per HTTP exchange passing the gateway).",

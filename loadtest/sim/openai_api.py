@@ -14,7 +14,8 @@ from typing import Any
 
 import orjson
 
-from picker.request import BadRequest, InferenceRequest, apply_body
+from picker.errors import Refusal
+from picker.request import InferenceRequest, apply_body
 
 # Chat templates end the prompt with the assistant's turn marker; picker.request renders each
 # message as "role\ncontent\n", so this is the marker in that rendering.
@@ -34,29 +35,29 @@ class GenerationParams:
 
 
 def parse_generation(body: bytes, chat: bool) -> GenerationParams:
-    """Read a /v1/chat/completions (`chat`) or /v1/completions body; raises BadRequest."""
+    """Read a /v1/chat/completions (`chat`) or /v1/completions body; raises Refusal."""
     request = InferenceRequest(method="POST", content_type="application/json")
     apply_body(request, body, max_prefix_chars=sys.maxsize)
     doc: dict[str, Any] = orjson.loads(body)  # apply_body proved it is a JSON object
     required = "messages" if chat else "prompt"
     if required not in doc:
-        raise BadRequest(f"'{required}' is required")
+        raise Refusal(400, f"'{required}' is required")
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     max_tokens = next((doc[n] for n in names if doc.get(n) is not None), None)
     if max_tokens is None and not chat:
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-        raise BadRequest("'max_tokens' must be an integer of at least 1")
+        raise Refusal(400, "'max_tokens' must be an integer of at least 1")
     min_tokens = doc.get("min_tokens")
     if min_tokens is not None and (not _is_int(min_tokens) or min_tokens < 0):
-        raise BadRequest("'min_tokens' must be a non-negative integer")
+        raise Refusal(400, "'min_tokens' must be a non-negative integer")
     if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
-        raise BadRequest("'min_tokens' must be less than or equal to 'max_tokens'")
+        raise Refusal(400, "'min_tokens' must be less than or equal to 'max_tokens'")
     if doc.get("n", 1) != 1:
-        raise BadRequest("the simulator supports only n=1")
+        raise Refusal(400, "the simulator supports only n=1")
     seed = doc.get("seed")
     if seed is not None and not _is_int(seed):
-        raise BadRequest("'seed' must be an integer")
+        raise Refusal(400, "'seed' must be an integer")
     options = doc.get("stream_options") or {}
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     return GenerationParams(

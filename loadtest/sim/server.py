@@ -23,8 +23,7 @@ from loadtest.sim.metrics import ReplicaMetrics
 from loadtest.sim.openai_api import GenerationParams, ResponseWriter, parse_generation, usage
 from loadtest.sim.profiles import PROFILES, Profile, get_profile
 from loadtest.sim.tokens import count_tokens
-from picker.errors import openai_error_body
-from picker.request import BadRequest
+from picker.errors import Refusal, openai_error_body
 
 REPLICA_HEADER = "x-sim-replica"  # names the replica that answered (for tests and demos)
 _MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -141,7 +140,7 @@ class Replica:
             params = parse_generation(await request.read(), chat)
             model, lora = self._resolve_model(params.model)
             max_tokens, stop_at_max = self._output_length(params)
-        except BadRequest as exc:
+        except Refusal as exc:
             return _error(exc.status, str(exc))
         loop = asyncio.get_running_loop()
         writer = ResponseWriter(model, chat)
@@ -196,7 +195,7 @@ class Replica:
             return self.config.model_name, None
         if requested in self.config.lora_adapters:
             return requested, requested
-        raise BadRequest(f"The model `{requested}` does not exist.", status=404)
+        raise Refusal(404, f"The model `{requested}` does not exist.")
 
     def _output_length(self, params: GenerationParams) -> tuple[int, bool]:
         """Tokens to generate, and whether the end counts as EOS ("stop") rather than "length"."""
@@ -205,10 +204,10 @@ class Replica:
         room = max_model_len - prompt_tokens
         if params.max_tokens is None:
             if room < 1:
-                raise BadRequest(_too_long(max_model_len, prompt_tokens, 1))
+                raise Refusal(400, _too_long(max_model_len, prompt_tokens, 1))
             limit, eos = min(self.config.default_max_tokens, room), True
         elif params.max_tokens > room:
-            raise BadRequest(_too_long(max_model_len, prompt_tokens, params.max_tokens))
+            raise Refusal(400, _too_long(max_model_len, prompt_tokens, params.max_tokens))
         else:
             limit, eos = params.max_tokens, False
         if params.min_tokens is not None and params.min_tokens < limit:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import enum
+from collections import deque
 from dataclasses import dataclass, field
+
+# A scrape shows a request within about one interval; pending entries this old mean the scrapes
+# are failing (the endpoint is then routed on stale numbers at best), so they stop counting.
+MAX_PENDING_AGE = 5.0
 
 
 @dataclass(slots=True)
@@ -23,39 +29,113 @@ class EngineMetrics:
 
 
 @dataclass(slots=True, eq=False)
-class Endpoint:
-    """A replica at `address` ("ip:port"): last good metrics plus the picker's own live counters.
+class Pending:
+    """A routed request the engine's metrics may not show yet."""
 
-    In-flight counts are exact: each ext_proc stream holds its endpoint until the HTTP exchange
-    ends, so they move between scrapes, when the scraped numbers cannot.
+    routed_at: float
+    tokens: int
+    counted: bool = True  # False once a scrape shows it or its exchange is known to be over
+
+
+class Freshness(enum.Enum):
+    """The one verdict on whether an endpoint's metrics can be routed on (filter, admission and
+    telemetry all ask this, so they never disagree)."""
+
+    FRESH = "fresh"  # a recent good scrape: alive, and its numbers are current
+    STALE = "stale"  # known, but its scrapes are late or failing without being refused
+    DOWN = "down"  # its last scrape was refused: nothing listens there any more
+    UNKNOWN = "unknown"  # never scraped successfully
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    """A replica at `address` ("ip:port"): last good metrics plus the load the picker sent it.
+
+    Two views of the load the picker itself added, because the gateway may or may not keep an
+    ext_proc stream open for the whole HTTP exchange:
+    - `inflight_*`: exchanges whose stream is still open. Exact while streams live as long as
+      their exchange (envoy.yaml: BUFFERED request, response skipped).
+    - `pending`: requests routed since the last scrape began, which that scrape cannot show yet.
+      Each stays assumed until a scrape that started after it could have counted it (prequal's
+      "scrape" signal), or until its exchange is known to be over; this is all there is when
+      streams end with the request phase (lean mode).
+    `load` reconciles them with the scraped queue.
     """
 
     address: str
     metrics: EngineMetrics | None = None  # None until the first good scrape
-    scraped_at: float = 0.0  # monotonic time of the last good scrape
+    scraped_at: float = 0.0  # monotonic time of the last good scrape (when it completed)
     consecutive_failures: int = 0
     last_failure: str = ""  # kind of the latest failed scrape: connect, timeout, status, parse
     inflight_requests: int = 0
     inflight_tokens: int = 0
+    pending: deque[Pending] = field(default_factory=deque)  # oldest first; some no longer counted
+    pending_requests: int = 0  # counted entries of `pending`
+    pending_tokens: int = 0
     token_seconds: float = 0.0  # recent mean inter-token latency the engine reports; 0: none yet
     labels: dict[str, str] = field(default_factory=dict)
 
-    def is_fresh(self, now: float, stale_after: float) -> bool:
-        """Known and recently confirmed alive: the only endpoints worth routing to."""
-        return (
-            self.metrics is not None
-            and self.consecutive_failures == 0
-            and now - self.scraped_at <= stale_after
-        )
+    def freshness(self, now: float, stale_after: float) -> Freshness:
+        if self.metrics is None:
+            return Freshness.UNKNOWN
+        if self.consecutive_failures == 0 and now - self.scraped_at <= stale_after:
+            return Freshness.FRESH
+        return Freshness.DOWN if self.last_failure == "connect" else Freshness.STALE
 
-    def observe_metrics(self, metrics: EngineMetrics, weight: float = 0.3) -> None:
-        """Take a fresh scrape; fold the tokens generated since the last one into `token_seconds`."""
+    def observe_metrics(self, metrics: EngineMetrics, visible_before: float, weight: float = 0.3) -> None:
+        """Take a fresh scrape, which counts every request routed before `visible_before`;
+        fold the tokens generated since the last one into `token_seconds`."""
+        self._forget_pending(visible_before)
         previous, self.metrics = self.metrics, metrics
         if previous is None or metrics.itl_count <= previous.itl_count:
             return  # nothing decoded since (or the engine restarted and its counters reset)
         recent = (metrics.itl_sum - previous.itl_sum) / (metrics.itl_count - previous.itl_count)
         if recent > 0.0:
             self.token_seconds += weight * (recent - self.token_seconds) if self.token_seconds else recent
+
+    def hold(self, tokens: int, now: float) -> Pending:
+        """A request was routed here: it is in flight, and assumed until a scrape shows it."""
+        self.inflight_requests += 1
+        self.inflight_tokens += tokens
+        self._forget_pending(now - MAX_PENDING_AGE)
+        entry = Pending(now, tokens)
+        self.pending.append(entry)
+        self.pending_requests += 1
+        self.pending_tokens += tokens
+        return entry
+
+    def release(self, entry: Pending, *, exchange_over: bool) -> None:
+        """The request's ext_proc stream ended: with its exchange (`exchange_over`, the request is
+        no load any more), or only with its request phase (lean mode: assumed until scraped)."""
+        self.inflight_requests -= 1
+        self.inflight_tokens -= entry.tokens
+        if exchange_over:
+            self._uncount(entry)
+
+    def _uncount(self, entry: Pending) -> None:
+        if entry.counted:
+            entry.counted = False
+            self.pending_requests -= 1
+            self.pending_tokens -= entry.tokens
+
+    def _forget_pending(self, before: float) -> None:
+        pending = self.pending
+        while pending and pending[0].routed_at < before:
+            self._uncount(pending.popleft())
+
+    @property
+    def load(self) -> float:
+        """Requests at the endpoint as best known: the picker's own open exchanges, or the
+        scraped queue and batch plus what was routed since that scrape, whichever is more (the
+        scrape also counts other pickers' and clients' requests; open streams move first)."""
+        m = self.metrics
+        scraped = m.running + m.waiting if m is not None else 0.0
+        return max(float(self.inflight_requests), scraped + self.pending_requests)
+
+    @property
+    def load_tokens(self) -> int:
+        """Prompt tokens in flight on open streams, or routed since the last scrape."""
+        return max(self.inflight_tokens, self.pending_tokens)
 
     @property
     def waiting(self) -> float:

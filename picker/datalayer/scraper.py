@@ -19,7 +19,7 @@ from functools import partial
 import httpx
 
 from picker.config import MetricsConfig
-from picker.datalayer.endpoint import Endpoint
+from picker.datalayer.endpoint import Endpoint, Freshness
 from picker.datalayer.metrics import MAX_PAGE_BYTES, MetricsError, parse_metrics
 from picker.datalayer.pool import EndpointPool
 from picker.telemetry import (
@@ -90,7 +90,7 @@ class Scraper:
 
     Success: new metrics, `scraped_at` = now, `consecutive_failures` = 0. Failure (connect error,
     timeout, non-200, unusable page): the last metrics stay for inspection, but the failure count
-    makes `Endpoint.is_fresh` false, so the endpoint is not routed to until a scrape succeeds.
+    makes `Endpoint.freshness` say it is not FRESH, so it is not routed to while others are.
     """
 
     def __init__(
@@ -198,7 +198,7 @@ class Scraper:
             lambda: math.inf if endpoint.metrics is None else time.monotonic() - endpoint.scraped_at
         )
         ENDPOINT_ROUTABLE.labels(endpoint.address).set_function(
-            lambda: float(endpoint.is_fresh(time.monotonic(), stale_after))
+            lambda: float(endpoint.freshness(time.monotonic(), stale_after) is Freshness.FRESH)
         )
         INFLIGHT_REQUESTS.labels(endpoint.address).set_function(lambda: endpoint.inflight_requests)
         INFLIGHT_TOKENS.labels(endpoint.address).set_function(lambda: endpoint.inflight_tokens)
@@ -214,6 +214,8 @@ class Scraper:
             log.error("scrape of %s failed unexpectedly", address, exc_info=exc)
 
     async def _scrape(self, endpoint: Endpoint) -> None:
+        # Requests routed before this, plus the time they take to reach the engine, are counted.
+        visible_before = time.monotonic() - self._config.arrival_delay
         try:
             async with asyncio.timeout(self._config.timeout):  # whole exchange, not per read
                 page = await self._fetch(endpoint.address)
@@ -230,7 +232,7 @@ class Scraper:
                 endpoint.address,
                 endpoint.consecutive_failures,
             )
-        endpoint.observe_metrics(metrics)
+        endpoint.observe_metrics(metrics, visible_before)
         endpoint.scraped_at = time.monotonic()
         endpoint.consecutive_failures = 0
         for callback in self._callbacks:

@@ -2,6 +2,7 @@
 
 Plugins are dataclasses: fields named like `PluginContext` attributes (pool, metrics, clock, rng)
 are filled from the context, every other field is a YAML param (see `scheduler.build_plugin`).
+The gateway's subset hint is not a filter: request control applies it once, before admission.
 """
 
 from __future__ import annotations
@@ -12,31 +13,18 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from picker.config import MetricsConfig
-from picker.datalayer.endpoint import Endpoint
+from picker.datalayer.endpoint import Endpoint, Freshness
 from picker.request import InferenceRequest
 
 
 @dataclass(slots=True)
-class SubsetFilter:
-    """Honours the gateway's subset hint; an empty hint leaves nothing (the gateway answers 503)."""
-
-    name: ClassVar[str] = "subset"
-
-    def filter(self, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
-        subset = request.subset
-        if subset is None:
-            return candidates
-        return [endpoint for endpoint in candidates if endpoint.address in subset]
-
-
-@dataclass(slots=True)
 class HealthyFilter:
-    """Keeps endpoints whose metrics are known and recent: anything else may be down or hung.
+    """Keeps endpoints whose metrics are fresh: anything else may be down or hung.
 
     When none is fresh, the trouble is more likely on the picker's side (its own CPU starved, the
-    scrapes timing out everywhere at once) than every replica failing together: then endpoints
-    that were known and did not refuse the connection still get traffic, on their last metrics,
-    instead of every request getting a 503.
+    scrapes timing out everywhere at once) than every replica failing together: then the stale
+    ones (known, and not refusing connections) still get traffic, on their last metrics, instead
+    of every request getting a 503.
     """
 
     name: ClassVar[str] = "healthy"
@@ -46,7 +34,7 @@ class HealthyFilter:
     def filter(self, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
         now = self.clock()
         stale_after = self.metrics.stale_after
-        fresh = [endpoint for endpoint in candidates if endpoint.is_fresh(now, stale_after)]
+        fresh = [e for e in candidates if e.freshness(now, stale_after) is Freshness.FRESH]
         if fresh:
             return fresh
-        return [e for e in candidates if e.metrics is not None and e.last_failure != "connect"]
+        return [e for e in candidates if e.freshness(now, stale_after) is Freshness.STALE]

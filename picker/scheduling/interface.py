@@ -46,6 +46,7 @@ class Picker(Protocol):
 
 
 class PickObserver(Protocol):
-    """Request control: told of every decision (e.g. so the prefix index learns what went where)."""
+    """Told by request control where a request went, once the decision is committed (and again
+    if the gateway served it on a fallback), e.g. so the prefix index learns what is where."""
 
     def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None: ...

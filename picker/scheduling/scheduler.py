@@ -1,4 +1,4 @@
-"""The scheduler: filters -> weighted scorers -> picker -> observers, built from YAML config.
+"""The scheduler: filters -> weighted scorers -> picker, built from YAML config.
 
 Called once per request on the ext_proc server's event loop, so one `schedule` is synchronous and
 O(endpoints + prompt blocks): lists of floats, no logging, no per-candidate dicts.
@@ -17,7 +17,7 @@ from picker.config import Config, MetricsConfig, PluginSpec, SchedulingConfig
 from picker.datalayer.endpoint import Endpoint
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
-from picker.scheduling.filters import HealthyFilter, SubsetFilter
+from picker.scheduling.filters import HealthyFilter
 from picker.scheduling.interface import Filter, Picker, PickObserver, Scorer
 from picker.scheduling.pickers import TIE_TOLERANCE, MaxScorePicker
 from picker.scheduling.scorers import (
@@ -43,7 +43,7 @@ class PluginContext:
 
 _CONTEXT_FIELDS = frozenset(f.name for f in fields(PluginContext))
 
-FILTERS: dict[str, type] = {cls.name: cls for cls in (SubsetFilter, HealthyFilter)}
+FILTERS: dict[str, type] = {cls.name: cls for cls in (HealthyFilter,)}
 SCORERS: dict[str, type] = {
     cls.name: cls
     for cls in (
@@ -102,7 +102,6 @@ class Scheduler:
         for spec in config.scorers:
             if not (math.isfinite(spec.weight) and spec.weight >= 0):
                 raise ValueError(f"scorer {spec.type!r}: weight must be finite and >= 0")
-        self.pool = ctx.pool
         self.filters: list[Filter] = [build_plugin("filter", FILTERS, s, ctx) for s in config.filters]
         self.scorers: list[Scorer] = [build_plugin("scorer", SCORERS, s, ctx) for s in config.scorers]
         self.weights: list[float] = [s.weight for s in config.scorers]
@@ -126,9 +125,12 @@ class Scheduler:
         ctx = PluginContext(pool, config.metrics, clock, rng or random.Random())
         return cls(config.scheduling, ctx)
 
-    def schedule(self, request: InferenceRequest) -> SchedulingResult | None:
-        """Choose endpoints for `request`, or None when no candidate survives the filters."""
-        candidates = list(self.pool.endpoints)
+    def schedule(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> SchedulingResult | None:
+        """Choose among `candidates` for `request`, or None when none survives the filters.
+
+        Decides only: request control commits the decision and then tells `observers`.
+        """
+        candidates = list(candidates)
         for flt in self.filters:
             candidates = flt.filter(request, candidates)
             if not candidates:
@@ -139,8 +141,6 @@ class Scheduler:
             totals = [t + weight * s for t, s in zip(totals, column, strict=True)]
         chosen = self.picker.pick(candidates, totals)
         winner = chosen[0]
-        for observer in self.observers:
-            observer.on_pick(request, winner)
         reason = self._reason(candidates, totals, columns, winner)
         DECISIONS.labels(winner.address, reason).inc()
         return SchedulingResult(chosen, reason)

@@ -70,11 +70,12 @@ class KVCacheUtilizationScorer:
 
 @dataclass(slots=True)
 class InflightLoadScorer:
-    """Fewer requests (or prompt tokens) the picker itself has in flight there is better.
+    """Fewer requests (or prompt tokens) at the endpoint, counting what the picker just sent, is better.
 
-    These counts are exact and move with every pick, so a burst arriving between two scrapes is
-    spread instead of landing entirely on the endpoint that looked idle at the last scrape.
-    Configure it twice (one per `measure`) to weigh both.
+    `Endpoint.load` moves with every decision (open streams, or requests assumed until a scrape
+    shows them), so a burst arriving between two scrapes is spread instead of landing entirely
+    on the endpoint that looked idle at the last scrape. Configure it twice (one per `measure`)
+    to weigh both.
     """
 
     name: ClassVar[str] = "inflight-load"
@@ -90,8 +91,8 @@ class InflightLoadScorer:
 
     def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
         if self.measure == "requests":
-            return least_is_best([ep.inflight_requests for ep in candidates], self.min_span)
-        return least_is_best([ep.inflight_tokens for ep in candidates], self.min_span)
+            return least_is_best([ep.load for ep in candidates], self.min_span)
+        return least_is_best([ep.load_tokens for ep in candidates], self.min_span)
 
 
 @dataclass(slots=True)
@@ -177,7 +178,7 @@ class PrefixCacheScorer:
 
     Also the PickObserver that teaches the index: each decision records the request's blocks for
     the chosen endpoint. A load guard keeps a hot prefix from piling onto one replica: an affine
-    endpoint whose load (waiting + in flight) exceeds the least-loaded candidate's by more than
+    endpoint whose load (`Endpoint.load`) exceeds the least-loaded candidate's by more than
     `max_load_gap + relative_load_gap * least` scores 0 for this request, so load decides.
     """
 
@@ -211,9 +212,9 @@ class PrefixCacheScorer:
             return [0.0] * len(candidates)
         affine = matched
         if self.max_load_gap != math.inf:
-            least = min([ep.waiting + ep.inflight_requests for ep in candidates])
+            least = min([ep.load for ep in candidates])
             limit = least + self.max_load_gap + self.relative_load_gap * least
-            affine = {ep: n for ep, n in matched.items() if ep.waiting + ep.inflight_requests <= limit}
+            affine = {ep: n for ep, n in matched.items() if ep.load <= limit}
         total = len(state.hashes)
         return [affine.get(ep, 0) / total for ep in candidates]
 

@@ -14,8 +14,8 @@ from picker.config import Config, MetricsConfig
 from picker.datalayer.endpoint import EngineMetrics
 from picker.datalayer.pool import EndpointPool
 from picker.datalayer.scraper import Scraper
-from picker.director import Director, Routed
 from picker.request import InferenceRequest
+from picker.requestcontrol import Decision, RequestControl
 from picker.scheduling.scheduler import Scheduler
 from tests.faults.conftest import CHAT, chat
 
@@ -49,28 +49,32 @@ async def test_probe_marks_a_refused_endpoint_at_once_and_is_bounded(refused_add
         await scraper.aclose()
 
 
-async def test_director_probes_only_after_an_exchange_that_ended_fast() -> None:
-    config = Config()
+async def test_request_control_probes_only_after_an_exchange_that_ended_fast() -> None:
+    config = Config(metrics=MetricsConfig(fast_end_probe=0.5))
     pool = EndpointPool()
     pool.set_addresses(["10.0.0.1:8000"])
     (endpoint,) = pool.endpoints
     endpoint.metrics, endpoint.scraped_at = EngineMetrics(), time.monotonic()
     probed: list[str] = []
-    director = Director(
+    control = RequestControl(
         pool,
         Scheduler.from_config(config, pool),
         Admission(config.saturation, config.metrics),
+        config,
         probe=lambda e: probed.append(e.address),
-        fast_end=0.5,
     )
-    fast = director.route(InferenceRequest())
-    assert isinstance(fast, Routed)
-    director.release(fast)
+    fast = control.decide(InferenceRequest())
+    assert isinstance(fast, Decision)
+    control.release(fast, lived_as_exchange=True)
     assert probed == ["10.0.0.1:8000"]
-    slow = director.route(InferenceRequest())
-    assert isinstance(slow, Routed)
-    slow.picked_at -= 1.0
-    director.release(slow)
+    slow = control.decide(InferenceRequest())
+    assert isinstance(slow, Decision)
+    slow.decided_at -= 1.0
+    control.release(slow, lived_as_exchange=True)
+    # A stream that ended with its request phase (lean mode) says nothing about the endpoint.
+    lean = control.decide(InferenceRequest())
+    assert isinstance(lean, Decision)
+    control.release(lean, lived_as_exchange=False)
     assert probed == ["10.0.0.1:8000"] and endpoint.inflight_requests == 0
 
 

@@ -24,8 +24,8 @@ from picker.admission import Admission
 from picker.config import Config
 from picker.datalayer.endpoint import EngineMetrics
 from picker.datalayer.pool import EndpointPool
-from picker.director import Director, Routed
 from picker.protocol.extproc import ExtProcService
+from picker.requestcontrol import Decision, RequestControl
 from picker.scheduling.scheduler import Scheduler
 from picker.server import extproc_handler
 
@@ -118,12 +118,30 @@ class Picker:
         return endpoint.inflight_requests
 
     async def exchange(self, *messages: ProcessingRequest) -> list[ProcessingResponse]:
-        """Send messages on one stream, half-close, and collect every answer until the end."""
+        """Send messages on one stream, half-close, and collect every answer until the end.
+
+        See `remaining_answers` for the end of the stream.
+        """
         call = self.stub.Process()
         for message in messages:
             await call.write(message)
         await call.done_writing()
-        return [answer async for answer in call]
+        return await remaining_answers(call)
+
+
+async def remaining_answers(call: grpc.aio.StreamStreamCall) -> list[ProcessingResponse]:
+    """Every answer until the stream ends, which must end with status OK.
+
+    In `close` mode the picker answers the gateway's own end of a stream it kept open with an
+    empty message (ExtProcService.process_closing): checked here, and left out.
+    """
+    answers = []
+    while (answer := await call.read()) is not grpc.aio.EOF:
+        answers.append(answer)
+    assert await call.code() is grpc.StatusCode.OK
+    if answers and answers[-1].WhichOneof("response") is None:
+        assert answers.pop() == ProcessingResponse()
+    return answers
 
 
 ENDPOINTS = ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000")
@@ -141,19 +159,19 @@ async def make_picker() -> AsyncIterator:
         for endpoint in pool.endpoints:
             endpoint.metrics = EngineMetrics()
             endpoint.scraped_at = time.monotonic()
-        director = Director(
-            pool, Scheduler.from_config(config, pool), Admission(config.saturation, config.metrics)
+        control = RequestControl(
+            pool, Scheduler.from_config(config, pool), Admission(config.saturation, config.metrics), config
         )
         releases: asyncio.Queue[str] = asyncio.Queue()
-        release = director.release
+        release = control.release
 
-        def observed_release(routed: Routed) -> None:
-            release(routed)
-            releases.put_nowait(routed.endpoint.address)
+        def observed_release(decision: Decision, *, lived_as_exchange: bool) -> None:
+            release(decision, lived_as_exchange=lived_as_exchange)
+            releases.put_nowait(decision.endpoint.address)
 
-        director.release = observed_release  # type: ignore[method-assign]
+        control.release = observed_release  # type: ignore[method-assign]
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers((extproc_handler(ExtProcService(director, config)),))
+        server.add_generic_rpc_handlers((extproc_handler(ExtProcService(control, config)),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         servers.append(server)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import orjson
+import pytest
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
 from picker.config import Config
+from picker.telemetry import REGISTRY
 from tests.protocol.conftest import (
+    BUFFERED,
     ENDPOINTS,
     FULL_DUPLEX,
     NONE,
@@ -15,6 +20,7 @@ from tests.protocol.conftest import (
     body_message,
     destination,
     headers_message,
+    remaining_answers,
     response_body_message,
     trailers_message,
 )
@@ -49,7 +55,7 @@ async def test_in_flight_is_held_while_the_stream_is_open_and_released_at_its_en
     assert destination(await call.read())[0] == ENDPOINTS[0]
     assert picker.inflight(ENDPOINTS[0]) == 1
     await call.done_writing()  # the HTTP exchange ended normally
-    assert await call.read() is grpc.aio.EOF
+    assert await remaining_answers(call) == []
     assert await picker.released() == ENDPOINTS[0]
     assert picker.inflight(ENDPOINTS[0]) == 0
 
@@ -118,7 +124,7 @@ def _streamed(answer: ProcessingResponse, kind: str) -> tuple[bytes, bool]:
 async def test_full_duplex_buffers_then_routes_in_headers_and_returns_the_body_unchanged(
     make_picker,
 ) -> None:
-    picker = await make_picker()
+    picker = await make_picker(Config(response_processing="echo"))
     pieces = [CHAT[:10], CHAT[10:40], CHAT[40:]]
     call = picker.stub.Process()
     await call.write(headers_message(request_mode=FULL_DUPLEX, response_mode=FULL_DUPLEX))
@@ -138,6 +144,88 @@ async def test_full_duplex_buffers_then_routes_in_headers_and_returns_the_body_u
         await call.write(response_body_message(chunk, index == len(chunks) - 1))
         assert _streamed(await call.read(), "response_body") == (chunk, index == len(chunks) - 1)
     await call.done_writing()
+    assert await remaining_answers(call) == []
+
+
+def lean_closes() -> float:
+    return REGISTRY.get_sample_value("picker_extproc_lean_closes_total") or 0.0
+
+
+async def request_phase_then_end(call: grpc.aio.StreamStreamCall, *messages: ProcessingRequest) -> list:
+    """Write `messages` without half-closing; every answer until the picker ends the RPC (OK)."""
+    for message in messages:
+        await call.write(message)
+    answers = []
+    async with asyncio.timeout(5):
+        while (answer := await call.read()) is not grpc.aio.EOF:
+            answers.append(answer)
+    assert await call.code() is grpc.StatusCode.OK
+    return answers
+
+
+async def test_close_mode_ends_a_full_duplex_stream_with_the_request_phase(make_picker) -> None:
+    """Lean mode: the gateway would send every response chunk; the picker ends the RPC with the
+    request body's last answer instead, so the response never crosses it."""
+    picker = await make_picker(endpoints=ENDPOINTS[:1])
+    closes = lean_closes()
+    pieces = [CHAT[:10], CHAT[10:40], CHAT[40:]]
+    answers = await request_phase_then_end(
+        picker.stub.Process(),
+        headers_message(request_mode=FULL_DUPLEX, response_mode=FULL_DUPLEX),
+        *(body_message(piece, index == len(pieces) - 1) for index, piece in enumerate(pieces)),
+    )
+    assert destination(answers[0])[0] == ENDPOINTS[0]
+    echoed = [_streamed(a, "request_body") for a in answers[1:]]
+    assert b"".join(body for body, _ in echoed) == CHAT
+    assert [eos for _, eos in echoed] == [False, False, True]
+    assert lean_closes() == closes + 1
+    # The stream is gone, but the request is still assumed on its endpoint until a scrape shows it.
+    assert await picker.released() == ENDPOINTS[0]
+    (endpoint,) = picker.pool.endpoints
+    assert endpoint.inflight_requests == 0 and endpoint.load == 1
+
+
+@pytest.mark.parametrize(
+    ("request_mode", "messages", "kinds"),
+    [
+        (FULL_DUPLEX, [], ["request_headers"]),  # bodyless: the headers answer is the last
+        (
+            FULL_DUPLEX,
+            [body_message(CHAT, False), trailers_message()],
+            ["request_headers", "request_body", "request_trailers"],
+        ),
+        (BUFFERED, [body_message(CHAT)], ["request_headers", "request_body"]),
+        (
+            STREAMED,
+            [body_message(CHAT[:20], False), body_message(CHAT[20:])],
+            ["request_headers", "request_body", "request_body"],
+        ),
+    ],
+    ids=["duplex-bodyless", "duplex-trailers", "buffered", "streamed"],
+)
+async def test_close_mode_ends_with_the_last_answer_of_every_request_phase(
+    make_picker, request_mode: int, messages: list[ProcessingRequest], kinds: list[str]
+) -> None:
+    picker = await make_picker()
+    head = headers_message(request_mode=request_mode, response_mode=FULL_DUPLEX, end_of_stream=not messages)
+    answers = await request_phase_then_end(picker.stub.Process(), head, *messages)
+    assert [a.WhichOneof("response") for a in answers] == kinds
+    assert destination(answers[1 if request_mode == BUFFERED else 0])[0] in ENDPOINTS
+
+
+async def test_close_mode_keeps_streams_open_when_no_response_would_cross_the_picker(make_picker) -> None:
+    """Response body NONE: nothing to spare, and the stream may carry the exchange's lifetime."""
+    picker = await make_picker()
+    closes = lean_closes()
+    call = picker.stub.Process()
+    await call.write(headers_message(request_mode=FULL_DUPLEX, response_mode=NONE))
+    await call.write(body_message(CHAT))
+    assert destination(await call.read())[0] in ENDPOINTS
+    assert _streamed(await call.read(), "request_body") == (CHAT, True)
+    assert sum(picker.inflight(a) for a in ENDPOINTS) == 1
+    await call.done_writing()
+    assert await remaining_answers(call) == []
+    assert lean_closes() == closes
 
 
 async def test_full_duplex_request_ended_by_trailers(make_picker) -> None:

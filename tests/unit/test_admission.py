@@ -7,11 +7,8 @@ import pytest
 from picker.admission import Admission
 from picker.config import MetricsConfig, SaturationConfig
 from picker.datalayer.endpoint import Endpoint, EngineMetrics
-from picker.request import InferenceRequest
 
 NOW = 1000.0
-SHEDDABLE = InferenceRequest(priority=-1)
-CRITICAL = InferenceRequest(priority=0)
 
 
 def admission(**saturation: float) -> Admission:
@@ -40,33 +37,32 @@ def test_stale_or_unknown_endpoints_count_as_saturated() -> None:
     assert adm.endpoint_saturation(failing, NOW) == 1.0
 
 
-def test_sheddable_requests_are_shed_only_when_the_pool_is_saturated() -> None:
+def test_a_request_is_refused_only_when_the_pool_is_saturated() -> None:
     adm = admission(queue_threshold=5, kv_threshold=0.8, retry_after_seconds=3)
     busy = [endpoint(waiting=6), endpoint(kv=0.9)]
-    assert adm.check(SHEDDABLE, [endpoint(waiting=4), endpoint(kv=0.5)]) is None
-    assert adm.check(SHEDDABLE, [*busy, endpoint(waiting=4.9)]) is None
-    rejection = adm.check(SHEDDABLE, busy)
+    assert adm.check([endpoint(waiting=4), endpoint(kv=0.5)]) is None
+    assert adm.check([*busy, endpoint(waiting=4.9)]) is None
+    rejection = adm.check(busy)
     assert rejection is not None
     assert (rejection.status, rejection.retry_after) == (429, 3)
     assert "saturated" in rejection.message
-    assert adm.check(CRITICAL, busy) is None
 
 
 def test_stale_pool_sheds_but_one_fresh_idle_endpoint_admits() -> None:
     adm = admission()
     stale = [endpoint(scraped_at=NOW - 10), endpoint(scraped_at=NOW - 10)]
-    assert adm.check(SHEDDABLE, stale) is not None
+    assert adm.check(stale) is not None
     assert adm.pool_saturation([*stale, endpoint(), endpoint()]) == pytest.approx(0.5)
-    assert adm.check(SHEDDABLE, [*stale, endpoint()]) is None
+    assert adm.check([*stale, endpoint()]) is None
 
 
 def test_one_runaway_endpoint_does_not_shed_what_idle_peers_can_serve() -> None:
     adm = admission(queue_threshold=5)
-    assert adm.check(SHEDDABLE, [endpoint(waiting=500), endpoint(), endpoint()]) is None
+    assert adm.check([endpoint(waiting=500), endpoint(), endpoint()]) is None
 
 
 def test_no_candidates_is_left_to_the_scheduler() -> None:
-    assert admission().check(SHEDDABLE, []) is None
+    assert admission().check([]) is None
 
 
 def test_thresholds_must_be_positive() -> None:

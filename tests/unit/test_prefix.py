@@ -57,15 +57,18 @@ def prefix_scheduler(pool: EndpointPool, seed: int = 0, **params: Any) -> Schedu
 
 
 def route(sched: Scheduler, prompt: str, *, only: Endpoint | None = None, hold: bool = True) -> Endpoint:
-    """Schedule a request (optionally forced onto `only`) and, like the director, hold the endpoint."""
+    """Schedule a request (optionally forced onto `only`) and, like request control, hold the
+    endpoint and teach the observers."""
     request = InferenceRequest(model="m", prompt=prompt)
-    if only is not None:
-        request.subset = frozenset({only.address})
-    result = sched.schedule(request)
+    candidates = [only] if only is not None else prefix_scorer(sched).pool.endpoints
+    result = sched.schedule(request, candidates)
     assert result is not None
+    chosen = result.endpoints[0]
     if hold:
-        result.endpoints[0].inflight_requests += 1
-    return result.endpoints[0]
+        chosen.inflight_requests += 1
+    for observer in sched.observers:
+        observer.on_pick(request, chosen)
+    return chosen
 
 
 def prefix_scorer(sched: Scheduler) -> PrefixCacheScorer:

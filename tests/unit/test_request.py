@@ -3,7 +3,8 @@
 import orjson
 import pytest
 
-from picker.request import CHARS_PER_TOKEN, BadRequest, InferenceRequest, apply_body
+from picker.errors import Refusal
+from picker.request import CHARS_PER_TOKEN, InferenceRequest, apply_body
 
 
 def parsed(doc: object, content_type: str = "application/json", cap: int = 16384) -> InferenceRequest:
@@ -75,7 +76,7 @@ def test_prefix_is_capped_but_length_counts_everything() -> None:
     [b"{not json", b'{"model": "m", "prompt": "x"', b"\xff\xfe\x00", b'"just a string"', b"[1, 2]"],
 )
 def test_declared_json_that_does_not_parse_as_an_object_is_a_bad_request(body: bytes) -> None:
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(Refusal) as info:
         apply_body(InferenceRequest(content_type="application/json; charset=utf-8"), body, 100)
     assert info.value.status == 400
 
@@ -93,7 +94,7 @@ def test_declared_json_that_does_not_parse_as_an_object_is_a_bad_request(body: b
     ],
 )
 def test_wrongly_typed_fields_are_bad_requests(doc: object) -> None:
-    with pytest.raises(BadRequest):
+    with pytest.raises(Refusal):
         parsed(doc)
 
 
@@ -113,5 +114,5 @@ def test_undeclared_json_object_is_still_understood_but_broken_json_is_not_an_er
 
 
 def test_deeply_nested_json_is_a_bad_request_not_a_crash() -> None:
-    with pytest.raises(BadRequest):
+    with pytest.raises(Refusal):
         apply_body(InferenceRequest(content_type="application/json"), b"[" * 100_000, 100)

@@ -11,7 +11,7 @@ from picker.config import Config, MetricsConfig, PluginSpec, SchedulingConfig
 from picker.datalayer.endpoint import Endpoint, EngineMetrics
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
-from picker.scheduling.filters import HealthyFilter, SubsetFilter
+from picker.scheduling.filters import HealthyFilter
 from picker.scheduling.pickers import MaxScorePicker
 from picker.scheduling.scheduler import SCORERS, PluginContext, Scheduler, build_plugin
 from picker.scheduling.scorers import (
@@ -61,14 +61,6 @@ def scores(scorer: Any, *candidates: Endpoint, request: InferenceRequest | None 
 # --- filters -------------------------------------------------------------------------------------
 
 
-def test_subset_filter_keeps_listed_addresses_in_order() -> None:
-    a, b, c = endpoint("a:1"), endpoint("b:1"), endpoint("c:1")
-    flt = SubsetFilter()
-    assert flt.filter(InferenceRequest(subset=frozenset({"c:1", "a:1", "x:9"})), [a, b, c]) == [a, c]
-    assert flt.filter(InferenceRequest(subset=None), [a, b, c]) == [a, b, c]
-    assert flt.filter(InferenceRequest(subset=frozenset()), [a, b, c]) == []
-
-
 def test_healthy_filter_keeps_only_fresh_endpoints() -> None:
     clock = FakeClock(NOW + 2.0)
     fresh, unknown, failing, stale = (
@@ -114,7 +106,7 @@ def test_small_load_differences_cost_little_below_the_minimum_span() -> None:
 def decoded(ep: Endpoint, *scrapes: tuple[float, float]) -> Endpoint:
     """Feed `ep` scrapes carrying cumulative (itl_sum, itl_count) histogram totals."""
     for itl_sum, itl_count in scrapes:
-        ep.observe_metrics(EngineMetrics(itl_sum=itl_sum, itl_count=itl_count))
+        ep.observe_metrics(EngineMetrics(itl_sum=itl_sum, itl_count=itl_count), NOW)
     return ep
 
 
@@ -222,7 +214,8 @@ def test_weights_from_yaml_decide_and_name_the_reason() -> None:
                 "picker": {"type": "max-score", "params": {"fallbacks": 1}},
             }
         }
-        result = scheduler(pool_of(*loads), doc).schedule(InferenceRequest())
+        pool = pool_of(*loads)
+        result = scheduler(pool, doc).schedule(InferenceRequest(), pool.endpoints)
         assert result is not None and len(result.endpoints) == 2
         return result.endpoints[0].address, result.reason
 
@@ -231,13 +224,14 @@ def test_weights_from_yaml_decide_and_name_the_reason() -> None:
 
 
 def test_scheduler_special_reasons_and_no_candidate() -> None:
-    sched = scheduler(pool_of({}, {}), {})
-    assert sched.schedule(InferenceRequest(subset=frozenset())) is None
-    only = sched.schedule(InferenceRequest(subset=frozenset({"10.0.0.1:8000"})))
+    pool = pool_of({}, {})
+    sched = scheduler(pool, {})
+    assert sched.schedule(InferenceRequest(), []) is None
+    only = sched.schedule(InferenceRequest(), pool.endpoints[1:])
     assert only is not None
     assert [ep.address for ep in only.endpoints] == ["10.0.0.1:8000"]
     assert only.reason == "only-candidate"
-    tie = sched.schedule(InferenceRequest())
+    tie = sched.schedule(InferenceRequest(), pool.endpoints)
     assert tie is not None and tie.reason == "tie"
 
 
@@ -248,7 +242,8 @@ def test_scheduler_ties_spread_across_seeds_and_count_decisions() -> None:
         before = REGISTRY.get_sample_value(
             "picker_decisions_total", {"endpoint": "10.0.0.0:8000", "reason": "tie"}
         )
-        result = scheduler(pool, {"scheduling": {"scorers": ["queue"]}}, seed).schedule(InferenceRequest())
+        sched = scheduler(pool, {"scheduling": {"scorers": ["queue"]}}, seed)
+        result = sched.schedule(InferenceRequest(), pool.endpoints)
         assert result is not None and result.reason == "tie"
         winners.add(result.endpoints[0].address)
         after = REGISTRY.get_sample_value(
@@ -258,19 +253,13 @@ def test_scheduler_ties_spread_across_seeds_and_count_decisions() -> None:
     assert winners == {"10.0.0.0:8000", "10.0.0.1:8000"}
 
 
-def test_scheduler_skips_unhealthy_and_notifies_observers() -> None:
+def test_scheduler_skips_unhealthy_endpoints() -> None:
     pool = pool_of({"waiting": 0}, {"waiting": 0}, {"waiting": 0})
     pool.endpoints[0].consecutive_failures = 2
-    doc = {"scheduling": {"scorers": [{"type": "session-affinity", "weight": 2}, "inflight-load"]}}
-    sched = scheduler(pool, doc)
-    first = sched.schedule(InferenceRequest(session_key="s1"))
-    assert first is not None and first.endpoints[0] is not pool.endpoints[0]
-    assert pool.endpoints[0] not in first.endpoints
-    first.endpoints[0].inflight_requests += 5  # busier now, but the session still sticks
-    again = sched.schedule(InferenceRequest(session_key="s1"))
-    assert again is not None
-    assert again.endpoints[0] is first.endpoints[0]
-    assert again.reason == "session-affinity"
+    sched = scheduler(pool, {"scheduling": {"scorers": ["inflight-load"]}})
+    for _ in range(10):
+        result = sched.schedule(InferenceRequest(), pool.endpoints)
+        assert result is not None and pool.endpoints[0] not in result.endpoints
 
 
 def test_default_config_builds_every_default_plugin() -> None:
@@ -283,7 +272,7 @@ def test_default_config_builds_every_default_plugin() -> None:
         "prefix-cache",
     ]
     assert sched.weights == [2.0, 2.0, 1.0, 2.0, 3.0]
-    assert [f.name for f in sched.filters] == ["subset", "healthy"]
+    assert [f.name for f in sched.filters] == ["healthy"]
 
 
 @pytest.mark.parametrize(
@@ -291,7 +280,7 @@ def test_default_config_builds_every_default_plugin() -> None:
     [
         (
             SchedulingConfig(filters=(PluginSpec("nope"),)),
-            r"unknown filter type 'nope'; known: healthy, subset",
+            r"unknown filter type 'nope'; known: healthy",
         ),
         (SchedulingConfig(scorers=(PluginSpec("queue", params={"x": 1}),)), r"unknown params \['x'\]"),
         (
@@ -320,4 +309,4 @@ def test_build_plugin_fills_context_and_coerces_numbers() -> None:
     prefix = build_plugin("scorer", SCORERS, spec, ctx)
     assert prefix.max_load_gap == 3.0 and isinstance(prefix.max_load_gap, float)
     with pytest.raises(ValueError, match="accepted: none"):
-        build_plugin("filter", {"subset": SubsetFilter}, PluginSpec("subset", params={"a": 1}), ctx)
+        build_plugin("filter", {"healthy": HealthyFilter}, PluginSpec("healthy", params={"a": 1}), ctx)

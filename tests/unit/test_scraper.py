@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from picker.config import MetricsConfig
-from picker.datalayer.endpoint import Endpoint
+from picker.datalayer.endpoint import Endpoint, Freshness
 from picker.datalayer.pool import EndpointPool
 from picker.datalayer.scraper import Scraper
 from picker.telemetry import REGISTRY
@@ -132,7 +132,7 @@ def errors(address: str, kind: str) -> float | None:
 
 
 def fresh(endpoint: Endpoint) -> bool:
-    return endpoint.is_fresh(time.monotonic(), CONFIG.stale_after)
+    return endpoint.freshness(time.monotonic(), CONFIG.stale_after) is Freshness.FRESH
 
 
 def closed_port_address() -> str:
