@@ -34,14 +34,19 @@ import yaml
 from loadtest.processes import log_tail, poll_until, stop_process
 
 ENVOY_DIR = Path(__file__).resolve().parents[1] / "envoy"
-CONFIG_FILES = {"picker": "envoy.yaml", "duplex": "envoy-duplex.yaml", "rr": "envoy-rr.yaml"}
+CONFIG_FILES = {
+    "picker": "envoy.yaml",
+    "gie": "envoy-gie.yaml",
+    "gie-lean": "envoy-gie-lean.yaml",
+    "rr": "envoy-rr.yaml",
+}
 LISTENER = "inference"
-POOL_CLUSTER = "inference-pool-rr"  # every config: the round-robin pool (fail-open / baseline)
-PICKER_CLUSTER = "picker-extproc"  # picker and duplex configs: the ext_proc servers
+POOL_CLUSTER = "inference-pool"  # every config: the replicas
+PICKER_CLUSTER = "picker-extproc"  # every config but rr: the ext_proc servers
 DEFAULT_PICKER = ("127.0.0.1:9002",)
 
 def config_path(config: str) -> Path:
-    """The shipped file for a config name ("picker", "duplex" or "rr")."""
+    """The shipped file for a config name (a key of CONFIG_FILES)."""
     try:
         return ENVOY_DIR / CONFIG_FILES[config]
     except KeyError:

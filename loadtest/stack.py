@@ -5,7 +5,10 @@ Each mode gets freshly started replicas (cold KV caches), so no mode inherits an
 - `direct`: the clients round-robin over the replicas themselves (Kubernetes ClusterIP, no proxy);
 - `envoy-rr`: the real Envoy with its ROUND_ROBIN cluster (`envoy/envoy-rr.yaml`);
 - `picker`: Envoy + picker with `envoy/envoy.yaml` (BUFFERED request, no per-token messages);
-- `picker-duplex`: Envoy + picker with `envoy/envoy-duplex.yaml` (every chunk crosses the picker).
+- `picker-gie`: Envoy called as GIE gateways call an EPP (`envoy/envoy-gie.yaml`: full duplex
+  both ways), the picker in its default `close` mode (ends the stream with the request phase);
+- `picker-gie-echo`: the same, the picker handing every response chunk back (`echo`);
+- `picker-gie-lean`: `envoy/envoy-gie-lean.yaml` (full-duplex request, no response processing).
 """
 
 from __future__ import annotations
@@ -23,9 +26,16 @@ from loadtest.envoy import Envoy
 from loadtest.processes import start_picker
 from loadtest.sim import REPLICA_HEADER, SimProcess, get_profile
 
-MODES = ("direct", "envoy-rr", "picker", "picker-duplex")
-ENVOY_CONFIGS = {"envoy-rr": "rr", "picker": "picker", "picker-duplex": "duplex"}
-PICKER_MODES = frozenset({"picker", "picker-duplex"})
+MODES = ("direct", "envoy-rr", "picker", "picker-gie", "picker-gie-echo", "picker-gie-lean")
+ENVOY_CONFIGS = {
+    "envoy-rr": "rr",
+    "picker": "picker",
+    "picker-gie": "gie",
+    "picker-gie-echo": "gie",
+    "picker-gie-lean": "gie-lean",
+}
+PICKER_MODES = frozenset(ENVOY_CONFIGS) - {"envoy-rr"}
+PICKER_ARGS = {"picker-gie-echo": ("--response-processing=echo",)}  # on top of the run's own
 READY_TIMEOUT = 30.0
 
 
@@ -90,9 +100,8 @@ async def start_stack(
         if mode in ENVOY_CONFIGS:
             pickers = []
             if mode in PICKER_MODES:
-                picker = await stack.enter_async_context(
-                    start_picker(replicas, logs / "picker.log", picker_args)
-                )
+                args = (*PICKER_ARGS.get(mode, ()), *picker_args)
+                picker = await stack.enter_async_context(start_picker(replicas, logs / "picker.log", args))
                 processes["picker"] = picker.pid
                 pickers.append(picker.address)
             envoy = await stack.enter_async_context(

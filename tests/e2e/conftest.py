@@ -6,6 +6,7 @@
 - `refused_address`: a "127.0.0.1:port" nothing answers on (a picker that is down).
 - `picker_server(endpoints, *args)` -> `PickerProcess`, started with `--secure-serving=false` and
   awaited until its gRPC health service reports `readiness` SERVING.
+- `picker_metrics(picker)`, `metric(samples, name, **labels)`: read a picker's Prometheus page.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from loadtest.envoy import Envoy
 from loadtest.processes import PickerProcess, start_picker
@@ -238,3 +242,17 @@ async def picker_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable
             return await stack.enter_async_context(start_picker(endpoints, log_path, args))
 
         yield start
+
+
+async def picker_metrics(picker: PickerProcess) -> list[Sample]:
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        page = (await http.get(f"http://127.0.0.1:{picker.metrics_port}/metrics")).text
+    return [sample for family in text_string_to_metric_families(page) for sample in family.samples]
+
+
+def metric(samples: list[Sample], name: str, **labels: str) -> float | None:
+    """The value of the sample `name` whose labels include `labels`, if there is one."""
+    for sample in samples:
+        if sample.name == name and labels.items() <= sample.labels.items():
+            return sample.value
+    return None

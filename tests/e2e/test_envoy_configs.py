@@ -1,7 +1,8 @@
 """The shipped Envoy configs, run with the real binary in front of fake vLLM replicas.
 
 The picker itself is replaced by a stub ext_proc server that answers the way the BUFFERED
-config expects (destination header + clear_route_cache), so these tests pin Envoy's side only.
+config expects (destination header + clear_route_cache), so these tests pin Envoy's side only:
+routing to the pick, retries on the fallbacks (override_host), fail-open, buffering.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def test_render_edits_the_shipped_config() -> None:
         for e in extproc["load_assignment"]["endpoints"][0]["lb_endpoints"]
     ]
     assert ports == [7, 8]
-    pool = clusters["inference-pool-rr"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    pool = clusters["inference-pool"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["address"] for e in pool] == ["10.0.0.1"]
     secure = render("picker", endpoints=["10.0.0.1:8000"], picker_tls=True)
     tls = {c["name"]: c for c in secure["static_resources"]["clusters"]}[PICKER_CLUSTER]
@@ -188,11 +189,40 @@ async def test_picker_answer_routes_to_its_pick_and_client_header_never_reaches_
     assert [a.status_code for a in [*posts, models]] == [200] * 4
     assert {a.headers["x-sim-replica"] for a in [*posts, models]} == {target.name}
     assert replicas[0].requests == []
-    assert [r.headers[DESTINATION] for r in target.requests] == [target.address] * 4
+    assert [r.headers[DESTINATION] for r in target.requests] == [stub.target] * 4
     assert len(stub.request_headers) == 4
     assert all(DESTINATION not in headers for headers in stub.request_headers)
     stats = await proxy.stats("ext_proc")
     assert stats[EXT_PROC + "failure_mode_allowed"] == 0
+
+
+async def test_a_pick_that_refuses_is_retried_on_the_next_fallback(
+    fake_vllm: StartReplicas, envoy: StartEnvoy, stub_picker: StartStub, refused_address: str
+) -> None:
+    """A replica that died after the picker's last scrape: the request is not lost."""
+    replicas = await fake_vllm(2)
+    _, address = await stub_picker(f"{refused_address},{replicas[1].address},{replicas[0].address}")
+    pool = [refused_address, *(r.address for r in replicas)]
+    proxy = await envoy("picker", endpoints=pool, picker=[address])
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+        answers = [await client.post("/v1/completions", content=completion()) for _ in range(5)]
+    assert [a.status_code for a in answers] == [200] * 5
+    assert {a.headers["x-sim-replica"] for a in answers} == {replicas[1].name}  # the first fallback
+    stats = await proxy.stats("cluster.inference-pool.upstream_rq_retry")
+    assert stats["cluster.inference-pool.upstream_rq_retry"] == 5
+
+
+async def test_a_pick_outside_the_pool_is_skipped_for_round_robin(
+    fake_vllm: StartReplicas, envoy: StartEnvoy, stub_picker: StartStub
+) -> None:
+    """override_host only sends to members of the cluster: a stale or forged name cannot steer."""
+    replicas = await fake_vllm(2)
+    _, address = await stub_picker("192.0.2.1:8000")
+    proxy = await envoy("picker", endpoints=[r.address for r in replicas], picker=[address])
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+        answers = [await client.post("/v1/completions", content=completion()) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert {a.headers["x-sim-replica"] for a in answers} == {"0", "1"}
 
 
 async def test_picker_config_buffers_prompts_up_to_8_mib(
@@ -211,11 +241,12 @@ async def test_picker_config_buffers_prompts_up_to_8_mib(
     assert refused.status_code == 413
 
 
-async def test_duplex_config_fails_closed_when_picker_down(
-    fake_vllm: StartReplicas, envoy: StartEnvoy, refused_address: str
+@pytest.mark.parametrize("config", ["gie", "gie-lean"])
+async def test_gie_configs_fail_closed_when_picker_down(
+    fake_vllm: StartReplicas, envoy: StartEnvoy, refused_address: str, config: str
 ) -> None:
     (replica,) = await fake_vllm(1)
-    proxy = await envoy("duplex", endpoints=[replica.address], picker=[refused_address])
+    proxy = await envoy(config, endpoints=[replica.address], picker=[refused_address])
     async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
         answer = await client.post("/v1/completions", content=completion())
     assert answer.status_code == 500

@@ -10,7 +10,8 @@ import httpx
 import orjson
 import pytest
 
-from loadtest.processes import stop_process
+from loadtest.processes import poll_until, stop_process
+from tests.e2e.conftest import metric, picker_metrics
 
 CHAT = "/v1/chat/completions"
 
@@ -145,7 +146,9 @@ async def test_a_client_supplied_destination_header_is_overwritten(
     forged = {"x-gateway-destination-endpoint": replicas[1].address}
     for i in range(4):
         assert await served_by(client, proxy.url, chat(f"q{i}"), headers=forged) == "0"
-    assert replicas[0].requests[-1].headers["x-gateway-destination-endpoint"] == replicas[0].address
+    # The picker's own list (pick first, then the fallback), never the forged value.
+    listed = replicas[0].requests[-1].headers["x-gateway-destination-endpoint"]
+    assert listed == f"{replicas[0].address},{replicas[1].address}"
 
 
 async def test_requests_are_served_through_fail_open_when_the_picker_dies(
@@ -163,23 +166,66 @@ async def test_requests_are_served_through_fail_open_when_the_picker_dies(
     assert stats["http.inference.ext_proc.failure_mode_allowed"] >= 6
 
 
-async def test_full_duplex_gateway_streams_a_whole_sse_response_through_the_picker(
-    fake_vllm, picker_server, envoy, client
+@pytest.mark.parametrize(
+    ("config", "processing"),
+    [("gie", "close"), ("gie", "echo"), ("gie-lean", "close")],
+    ids=["gie-close", "gie-echo", "gie-lean"],
+)
+async def test_full_duplex_gateways_deliver_every_byte_of_concurrent_streams(
+    fake_vllm, picker_server, envoy, client, config: str, processing: str
 ) -> None:
     replicas = await fake_vllm(2, default_tokens=300)
-    picker = await picker_server([r.address for r in replicas])
-    proxy = await envoy("duplex", endpoints=[r.address for r in replicas], picker=[picker.address])
-    body = chat("tell me a long story " * 100, stream=True, max_tokens=300)
-    async with client.stream("POST", proxy.url + CHAT, json=body) as response:
-        assert response.status_code == 200
-        events = [line async for line in response.aiter_lines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]"
-    payloads = [orjson.loads(line[6:]) for line in events[:-1]]
-    assert len(payloads) >= 300
-    replica = replicas[int(response.headers["x-sim-replica"])]
-    assert replica.requests[-1].json() == body  # the request body arrived unchanged
+    picker = await picker_server([r.address for r in replicas], f"--response-processing={processing}")
+    proxy = await envoy(config, endpoints=[r.address for r in replicas], picker=[picker.address])
+    bodies = [chat(f"story {i} " * 100, stream=True, max_tokens=300) for i in range(16)]
+
+    async def fetch(url: str, body: dict[str, Any]) -> tuple[str, bytes]:
+        async with client.stream("POST", url + CHAT, json=body) as response:
+            assert response.status_code == 200
+            return response.headers["x-sim-replica"], await response.aread()
+
+    proxied = await asyncio.gather(*(fetch(proxy.url, body) for body in bodies))
+    received = [request.body for replica in replicas for request in replica.requests]
+    assert sorted(received) == sorted(orjson.dumps(body) for body in bodies)  # bodies arrive unchanged
+    for body, (name, data) in zip(bodies, proxied, strict=True):
+        # The replica answers a request the same way every time: compare with it, byte for byte.
+        direct = await fetch(replicas[int(name)].url, body)
+        assert data == direct[1]
+        assert data.endswith(b"data: [DONE]\n\n")
     stats = await proxy.stats("ext_proc")
     assert stats["http.inference.ext_proc.streams_failed"] == 0
+    per_request = stats["http.inference.ext_proc.stream_msgs_sent"] / len(bodies)
+    if processing == "close":  # headers and body: never a message per token
+        assert per_request <= 8
+    else:  # a message per response chunk Envoy reads (few here: the fake answers at once)
+        assert per_request > 8
+
+
+@pytest.mark.parametrize(("config", "streams_during"), [("picker", 1.0), ("gie-lean", 0.0)])
+async def test_stream_lifetime_that_in_flight_accounting_relies_on(
+    fake_vllm, picker_server, envoy, client, config: str, streams_during: float
+) -> None:
+    """Pinned for the Envoy we ship (the behaviour changed in 1.37): with a BUFFERED request and
+    responses skipped (envoy.yaml) the ext_proc stream lasts as long as the HTTP exchange; with a
+    full-duplex request and responses skipped (envoy-gie-lean.yaml) Envoy ends it with the request
+    phase, and the picker keeps the request as pending load instead."""
+    (replica,) = await fake_vllm(1, chunk_delay=0.05, default_tokens=40)
+    picker = await picker_server([replica.address])
+    proxy = await envoy(config, endpoints=[replica.address], picker=[picker.address])
+    async with client.stream("POST", proxy.url + CHAT, json=chat("slow", stream=True)) as response:
+        assert response.status_code == 200
+        chunks = response.aiter_bytes()
+        assert (await anext(chunks)).startswith(b"data: ")  # the response is streaming
+        during = await picker_metrics(picker)
+        async for _ in chunks:
+            pass
+    assert metric(during, "picker_extproc_streams_open") == streams_during
+    assert metric(during, "picker_inflight_requests", endpoint=replica.address) == streams_during
+
+    async def closed() -> bool | None:
+        return True if metric(await picker_metrics(picker), "picker_extproc_streams_open") == 0 else None
+
+    await poll_until(closed, within=5, what="the stream closed after the exchange")
 
 
 async def test_tls_between_envoy_and_the_picker(fake_vllm, picker_server, envoy, client) -> None:

@@ -20,14 +20,13 @@ import httpx
 import pytest
 import yaml
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
-from loadtest.processes import PickerProcess
-from tests.e2e.conftest import (  # noqa: F401  (fixtures, re-exported for this directory)
+from tests.e2e.conftest import (  # noqa: F401  (fixtures and helpers, re-exported for this directory)
     FakeVLLM,
     envoy,
     fake_vllm,
+    metric,
+    picker_metrics,
     picker_server,
     refused_address,
 )
@@ -106,15 +105,3 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-async def picker_metrics(picker: PickerProcess) -> list[Sample]:
-    async with httpx.AsyncClient(timeout=5.0) as http:
-        page = (await http.get(f"http://127.0.0.1:{picker.metrics_port}/metrics")).text
-    return [sample for family in text_string_to_metric_families(page) for sample in family.samples]
-
-
-def metric(samples: list[Sample], name: str, **labels: str) -> float | None:
-    """The value of the sample `name` whose labels include `labels`, if there is one."""
-    for sample in samples:
-        if sample.name == name and labels.items() <= sample.labels.items():
-            return sample.value
-    return None

@@ -17,6 +17,8 @@ import orjson
 import psutil
 import pytest
 
+from loadtest.stack import MODES
+
 FAST_UNIFORM = (
     *("--workload", "uniform", "--replicas", "2", "--speed", "20"),
     *("--set", "input_tokens=64", "--set", "output_tokens=8", "--set", "range_ratio=1"),
@@ -91,14 +93,14 @@ async def loadtest(
 async def test_every_mode_runs_on_its_own_stack_and_is_reported(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run = await loadtest(
-        "run", *FAST_UNIFORM, "--modes", "direct,envoy-rr,picker,picker-duplex",
+        "run", *FAST_UNIFORM, "--modes", ",".join(MODES),
         "--concurrency", "2", "--requests", "8", "--clients", "2", "--out", str(out),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert f"Report: {out / 'report.md'}" in run.stdout.replace("\n", "")
     doc = orjson.loads((out / "results.json").read_bytes())
     assert (doc["workload"], doc["concurrency"]) == ("uniform", 2)
-    assert list(doc["modes"]) == ["direct", "envoy-rr", "picker", "picker-duplex"]
+    assert list(doc["modes"]) == list(MODES)
     for mode, result in doc["modes"].items():
         assert (result["requests"], result["errors"]) == (8, 0), mode
         assert result["output_tokens"] == 8 * 8

@@ -29,7 +29,7 @@ def test_sidecar_config_is_the_repository_config_adapted():
     expected = copy.deepcopy(yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text()))
     listener = named(expected["static_resources"]["listeners"], "inference")
     listener["address"]["socket_address"]["address"] = "0.0.0.0"
-    rr = _cluster(expected, "inference-pool-rr")
+    rr = _cluster(expected, "inference-pool")
     rr["type"] = "STRICT_DNS"
     endpoint = {"endpoint": {"address": {"socket_address": {"address": RR_SERVICE, "port_value": 8000}}}}
     rr["load_assignment"]["endpoints"] = [{"lb_endpoints": [endpoint]}]
@@ -79,7 +79,7 @@ def test_sidecar_is_wired_to_the_picker_and_the_services():
     assert args.secure_serving and extproc["transport_socket"]["name"] == "envoy.transport_sockets.tls"
 
     # Fail-open round-robin: the headless Service of the picker's selector and ports.
-    rr = _cluster(config, "inference-pool-rr")
+    rr = _cluster(config, "inference-pool")
     assert rr["type"] == "STRICT_DNS"
     (endpoint,) = rr["load_assignment"]["endpoints"][0]["lb_endpoints"]
     host, port = _address(endpoint)
