@@ -2,8 +2,8 @@
 
 Every client process regenerates the same stream of sessions from (workload, seed) and keeps its
 own share, so nothing large crosses process boundaries and runs are reproducible. Text is random
-hex, which the simulator (and the picker) count as 4 characters per token, so lengths are exact
-and no two random prompts share a block.
+hex, which the simulator's stand-in tokenizer counts as 4 characters per token, so lengths are
+exact and no two random prompts share a block.
 
 - `Uniform`: InferenceMAX-style random prompts on /v1/completions, lengths drawn in
   [ratio x L, L] (the range ratio of the benchmark_serving.py InferenceMAX runs), ignore-EOS.
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Protocol
 
-from picker.request import CHARS_PER_TOKEN
+from vllm_sim.tokens import CHARS_PER_TOKEN
 
 
 @dataclass(frozen=True, slots=True)

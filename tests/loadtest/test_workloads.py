@@ -17,7 +17,7 @@ from loadtest.workloads import (
     to_dict,
     with_params,
 )
-from picker.request import CHARS_PER_TOKEN
+from vllm_sim.tokens import CHARS_PER_TOKEN
 
 
 def take(workload, n: int, seed: int = 0):

@@ -14,11 +14,11 @@ import httpx
 import openai
 import pytest
 
-from loadtest.sim.engine import Status
-from loadtest.sim.profiles import PROFILES
-from loadtest.sim.server import REPLICA_HEADER, Replica, SimConfig, run_replicas
 from picker.datalayer.metrics import parse_metrics
 from tests.sim.conftest import FAST, MODEL, client_for, scrape, spy_on_submissions, value
+from vllm_sim.engine import Status
+from vllm_sim.profiles import PROFILES
+from vllm_sim.server import REPLICA_HEADER, Replica, SimConfig, run_replicas
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from loadtest.sim.engine import Engine, SimRequest, Status
-from loadtest.sim.profiles import PROFILES, Profile, StepCost
+from vllm_sim.engine import Engine, SimRequest, Status
+from vllm_sim.profiles import PROFILES, Profile, StepCost
 
 H100 = PROFILES["h100-8b"]
 TINY = Profile(

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from loadtest.sim.server import run_replicas
 from tests.sim.conftest import client_for, scrape, spy_on_submissions, timed_completion, value
+from vllm_sim.server import run_replicas
 
 SMALL_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 

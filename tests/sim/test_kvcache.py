@@ -1,7 +1,7 @@
 """Block hashing and the prefix-cached block pool."""
 
-from loadtest.sim.kvcache import KVCache
-from loadtest.sim.tokens import VOCABULARY, TokenSequence, count_tokens
+from vllm_sim.kvcache import KVCache
+from vllm_sim.tokens import VOCABULARY, TokenSequence, count_tokens
 
 BLOCK_CHARS = 16 * 4
 

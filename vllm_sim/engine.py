@@ -31,9 +31,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from loadtest.sim.kvcache import Block, KVCache
-from loadtest.sim.profiles import Profile
-from loadtest.sim.tokens import OutputText, TokenSequence
+from vllm_sim.kvcache import Block, KVCache
+from vllm_sim.profiles import Profile
+from vllm_sim.tokens import OutputText, TokenSequence
 
 MAX_LAG = 0.1  # seconds the engine may fall behind its timeline and still catch up
 

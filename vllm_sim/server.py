@@ -18,12 +18,18 @@ from typing import Any, Self
 import orjson
 from aiohttp import web
 
-from loadtest.sim.engine import Engine, SimRequest, Status
-from loadtest.sim.metrics import ReplicaMetrics
-from loadtest.sim.openai_api import GenerationParams, ResponseWriter, parse_generation, usage
-from loadtest.sim.profiles import PROFILES, Profile, get_profile
-from loadtest.sim.tokens import count_tokens
-from picker.errors import Refusal, openai_error_body
+from vllm_sim.engine import Engine, SimRequest, Status
+from vllm_sim.metrics import ReplicaMetrics
+from vllm_sim.openai_api import (
+    BadRequest,
+    GenerationParams,
+    ResponseWriter,
+    error_body,
+    parse_generation,
+    usage,
+)
+from vllm_sim.profiles import PROFILES, Profile, get_profile
+from vllm_sim.tokens import count_tokens
 
 REPLICA_HEADER = "x-sim-replica"  # names the replica that answered (for tests and demos)
 _MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -140,7 +146,7 @@ class Replica:
             params = parse_generation(await request.read(), chat)
             model, lora = self._resolve_model(params.model)
             max_tokens, stop_at_max = self._output_length(params)
-        except Refusal as exc:
+        except BadRequest as exc:
             return _error(exc.status, str(exc))
         loop = asyncio.get_running_loop()
         writer = ResponseWriter(model, chat)
@@ -195,7 +201,7 @@ class Replica:
             return self.config.model_name, None
         if requested in self.config.lora_adapters:
             return requested, requested
-        raise Refusal(404, f"The model `{requested}` does not exist.")
+        raise BadRequest(f"The model `{requested}` does not exist.", status=404)
 
     def _output_length(self, params: GenerationParams) -> tuple[int, bool]:
         """Tokens to generate, and whether the end counts as EOS ("stop") rather than "length"."""
@@ -204,10 +210,10 @@ class Replica:
         room = max_model_len - prompt_tokens
         if params.max_tokens is None:
             if room < 1:
-                raise Refusal(400, _too_long(max_model_len, prompt_tokens, 1))
+                raise BadRequest(_too_long(max_model_len, prompt_tokens, 1))
             limit, eos = min(self.config.default_max_tokens, room), True
         elif params.max_tokens > room:
-            raise Refusal(400, _too_long(max_model_len, prompt_tokens, params.max_tokens))
+            raise BadRequest(_too_long(max_model_len, prompt_tokens, params.max_tokens))
         else:
             limit, eos = params.max_tokens, False
         if params.min_tokens is not None and params.min_tokens < limit:
@@ -234,7 +240,7 @@ def _json(doc: object) -> web.Response:
 
 def _error(status: int, message: str) -> web.Response:
     return web.Response(
-        status=status, body=openai_error_body(status, message), content_type="application/json"
+        status=status, body=error_body(status, message), content_type="application/json"
     )
 
 

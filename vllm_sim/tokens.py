@@ -1,8 +1,7 @@
 """A stand-in tokenizer: fixed 4-character tokens, hashed per KV block as vLLM's prefix cache does.
 
-Using the same characters-per-token as `picker.request` keeps the picker's token estimates and the
-simulator's counts in agreement. Generated tokens are also 4 characters, so a chat client that
-sends an answer back in its next turn re-creates the same blocks and hits the cache, as with vLLM.
+Generated tokens are also 4 characters, so a chat client that sends an answer back in its next
+turn re-creates the same blocks and hits the cache, as with vLLM.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import random
 
 import xxhash
 
-from picker.request import CHARS_PER_TOKEN
+CHARS_PER_TOKEN = 4
 
 # Every output token is " xyz" (consonant, vowel, consonant): four characters, like the prompt's.
 VOCABULARY: tuple[str, ...] = tuple(
