@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 
 from loadtest.envoy import Envoy
-from loadtest.processes import start_picker
-from loadtest.sim import REPLICA_HEADER, SimProcess, get_profile
+from loadtest.processes import SimProcess, start_picker
+from vllm_sim import REPLICA_HEADER, get_profile
 
 MODES = ("direct", "envoy-rr", "picker", "picker-duplex")
 ENVOY_CONFIGS = {"envoy-rr": "rr", "picker": "picker", "picker-duplex": "duplex"}
