@@ -16,10 +16,9 @@ from aiohttp import web
 from loadtest.client import Client, ClientJob, ClientResult, request_body, stream_request
 from loadtest.observe import scrape_counters
 from loadtest.processes import free_port
-from loadtest.sim import run_replicas
 from loadtest.workloads import MultiTurn, Session, SharedPrefix, Uniform, to_dict
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from tests.support.fake_vllm import FakeVLLM, Handler
+from vllm_sim import run_replicas
 
 
 @pytest.fixture
@@ -29,23 +28,14 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
-    """Factory: an in-process server whose /v1/completions runs `handler`; returns its base URL."""
-    runners: list[web.AppRunner] = []
+def serve(fake_vllm: Callable[..., Awaitable[list[FakeVLLM]]]) -> Callable[[Handler], Awaitable[str]]:
+    """Factory: a fake vLLM whose inference requests `handler` answers; returns its base URL."""
 
     async def start(handler: Handler) -> str:
-        app = web.Application()
-        app.router.add_post("/v1/completions", handler)
-        runner = web.AppRunner(app, handler_cancellation=True)  # a client leaving ends its handler
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+        (replica,) = await fake_vllm(1, completion=handler)
+        return replica.url
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 async def run_job(job: ClientJob) -> ClientResult:
