@@ -11,9 +11,11 @@ import asyncio
 import dataclasses
 import json
 import signal
+from pathlib import Path
 
 from vllm_sim.profiles import ALIASES, PROFILES, Profile, get_profile
 from vllm_sim.server import SimConfig, run_replicas
+from vllm_sim.tokenizer import DEFAULT_CHAT_TEMPLATE, DEFAULT_TOKENIZER
 
 READY_FORMAT = "replica {index} ready on {address} profile={profile}"
 
@@ -41,6 +43,13 @@ def parse_args(argv: list[str] | tuple[str, ...] | None = None) -> argparse.Name
     parser.add_argument("--num-gpu-blocks", type=int, help="shrink or grow the KV cache")
     parser.add_argument("--max-num-seqs", type=int, help="override the batch size limit")
     parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument(
+        "--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
+        help="a Hugging Face tokenizer.json (default: the small BPE tokenizer the project ships)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--chat-template", type=Path, default=DEFAULT_CHAT_TEMPLATE, help="a jinja2 chat template file"
+    )
     parser.add_argument("--no-prefix-caching", action="store_true")
     args = parser.parse_args(argv)
     if args.profiles:
@@ -52,6 +61,9 @@ def parse_args(argv: list[str] | tuple[str, ...] | None = None) -> argparse.Name
         args.profiles = [args.profile] * (args.replicas or 1)
     args.replicas = args.replicas or len(args.profiles)
     args.lora_adapters = tuple(dict.fromkeys([*filter(None, args.lora.split(",")), *args.lora_modules]))
+    for path in (args.tokenizer, args.chat_template):
+        if not path.is_file():
+            parser.error(f"no such file: {path}")
     if len(args.profiles) != args.replicas:
         parser.error(f"--profiles names {len(args.profiles)} profiles for {args.replicas} replicas")
     return args
@@ -100,6 +112,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_loras=args.max_loras,
         prefix_caching=not args.no_prefix_caching,
         default_max_tokens=args.default_max_tokens,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
     )
     async with run_replicas(
         args.replicas,

@@ -14,11 +14,6 @@ from typing import Any
 
 import orjson
 
-from vllm_sim.tokens import CHARS_PER_TOKEN
-
-# Chat templates end the prompt with the assistant's turn marker; `render_chat` renders each
-# message as "role\ncontent\n", so this is the marker in that rendering.
-GENERATION_PROMPT = "assistant\n"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for /v1/completions
 
 
@@ -38,14 +33,33 @@ def error_body(status: int, message: str) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptParams:
+    """What to tokenize: a completion prompt (text or token ids) or chat messages."""
+
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None  # role and content strings
+    add_special_tokens: bool | None = None  # None: the endpoint's default
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationParams:
     model: str
-    prompt: str
+    prompt: PromptParams
     stream: bool
     include_usage: bool
     max_tokens: int | None  # None: not given by the client
     min_tokens: int | None  # given: the output length is drawn from [min_tokens, max_tokens]
     seed: int | None
+    ignore_eos: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeParams:
+    model: str
+    prompt: PromptParams
+    return_token_strs: bool
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -58,16 +72,42 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return doc
 
 
-def parse_generation(body: bytes, chat: bool) -> GenerationParams:
-    """Read a /v1/chat/completions (`chat`) or /v1/completions body; raises BadRequest."""
-    doc = parse_json_object(body)
+def _model(doc: dict[str, Any]) -> str:
     model = doc.get("model", "")
     if not isinstance(model, str):
         raise BadRequest("'model' must be a string")
+    return model
+
+
+def _flag(doc: dict[str, Any], name: str, default: bool) -> bool:
+    value = doc.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be a boolean")
+    return value
+
+
+def _prompt(doc: dict[str, Any], chat: bool) -> PromptParams:
+    special = doc.get("add_special_tokens")
+    if special is not None and not isinstance(special, bool):
+        raise BadRequest("'add_special_tokens' must be a boolean")
+    if chat:
+        return PromptParams(
+            messages=chat_messages(doc["messages"]),
+            add_special_tokens=special,
+            add_generation_prompt=_flag(doc, "add_generation_prompt", True),
+            continue_final_message=_flag(doc, "continue_final_message", False),
+        )
+    return PromptParams(prompt=completion_prompt(doc["prompt"]), add_special_tokens=special)
+
+
+def parse_generation(body: bytes, chat: bool) -> GenerationParams:
+    """Read a /v1/chat/completions (`chat`) or /v1/completions body; raises BadRequest."""
+    doc = parse_json_object(body)
+    model = _model(doc)
     required = "messages" if chat else "prompt"
     if required not in doc:
         raise BadRequest(f"'{required}' is required")
-    prompt = render_chat(doc["messages"]) if chat else completion_prompt(doc["prompt"])
+    prompt = _prompt(doc, chat)
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     max_tokens = next((doc[n] for n in names if doc.get(n) is not None), None)
     if max_tokens is None and not chat:
@@ -94,26 +134,49 @@ def parse_generation(body: bytes, chat: bool) -> GenerationParams:
         max_tokens=max_tokens,
         min_tokens=min_tokens,
         seed=seed,
+        ignore_eos=_flag(doc, "ignore_eos", False),
     )
 
 
-def render_chat(messages: object) -> str:
-    """The prompt a chat template makes of `messages`, ending with the assistant's turn marker."""
+def parse_tokenize(body: bytes) -> TokenizeParams:
+    """A /tokenize body: vLLM's completion form (`prompt`) or chat form (`messages`)."""
+    doc = parse_json_object(body)
+    if "messages" not in doc and "prompt" not in doc:
+        raise BadRequest("'prompt' or 'messages' is required")
+    return TokenizeParams(
+        model=_model(doc),
+        prompt=_prompt(doc, chat="messages" in doc),
+        return_token_strs=_flag(doc, "return_token_strs", False),
+    )
+
+
+def parse_detokenize(body: bytes) -> tuple[str, list[int]]:
+    """A /detokenize body: (model, token ids)."""
+    doc = parse_json_object(body)
+    tokens = doc.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
+        raise BadRequest("'tokens' must be an array of token ids")
+    return _model(doc), tokens
+
+
+def chat_messages(messages: object) -> list[dict[str, str]]:
+    """Messages with string roles and contents (text parts joined), ready for a chat template."""
     if not isinstance(messages, list):
         raise BadRequest("'messages' must be an array")
-    pieces = []
+    normalized = []
     for message in messages:
         if not isinstance(message, dict):
             raise BadRequest("each message must be an object")
         role = message.get("role")
         if not isinstance(role, str):
             raise BadRequest("each message needs a 'role' string")
-        pieces += [role, "\n", message_text(message.get("content")), "\n"]
-    return "".join(pieces) + GENERATION_PROMPT
+        normalized.append({"role": role, "content": message_text(message.get("content"))})
+    return normalized
 
 
 def message_text(content: object) -> str:
-    """A message's content: a string, or the text of an array of content parts."""
+    """A message's content: a string, or the text parts of an array joined by newlines (vLLM's
+    "string" content format for text-only models)."""
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
@@ -125,11 +188,11 @@ def message_text(content: object) -> str:
             if not isinstance(text, str):
                 raise BadRequest("a text content part needs a 'text' string")
             texts.append(text)
-        return "".join(texts)
+        return "\n".join(texts)
     raise BadRequest("message 'content' must be a string or an array of parts")
 
 
-def completion_prompt(prompt: object) -> str:
+def completion_prompt(prompt: object) -> str | list[int]:
     """`/v1/completions` prompt: a string or token ids, alone or as the only item of an array."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if len(prompt) != 1:
@@ -138,7 +201,7 @@ def completion_prompt(prompt: object) -> str:
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
-        return "".join(f"{token:>{CHARS_PER_TOKEN}}"[-CHARS_PER_TOKEN:] for token in prompt)
+        return prompt
     raise BadRequest("'prompt' must be a string, an array of token ids, or an array of one of them")
 
 

@@ -1,73 +1,57 @@
-"""A stand-in tokenizer: fixed 4-character tokens, hashed per KV block as vLLM's prefix cache does.
+"""A request's token ids and the hash chain of its full KV blocks, as vLLM's prefix cache keys them.
 
-Generated tokens are also 4 characters, so a chat client that sends an answer back in its next
-turn re-creates the same blocks and hits the cache, as with vLLM.
+Block i's hash covers the token ids of blocks 0..i (each block's hash is seeded with its parent's)
+plus the LoRA adapter, so equal hashes mean equal KV content. vLLM hashes the same way (parent
+hash, block token ids, extra keys such as the LoRA name), with SHA-256 by default; xxh3-64 here is
+cheaper and its 64-bit values are what vLLM's KV events publish.
 """
 
 from __future__ import annotations
 
-import random
+from array import array
+from collections.abc import Sequence
 
 import xxhash
 
-CHARS_PER_TOKEN = 4
 
-# Every output token is " xyz" (consonant, vowel, consonant): four characters, like the prompt's.
-VOCABULARY: tuple[str, ...] = tuple(
-    f" {a}{v}{b}" for a in "bdfgklmnprst" for v in "aeiou" for b in "bdgklmnprst"
-)
+def block_hash(token_ids: Sequence[int], parent: int) -> int:
+    return xxhash.xxh3_64_intdigest(array("I", token_ids).tobytes(), seed=parent)
 
 
-def count_tokens(text: str) -> int:
-    """Tokens in a prompt; at least one, as a real tokenizer adds a BOS token."""
-    return max(1, -(-len(text) // CHARS_PER_TOKEN))
-
-
-def _hash(text: str, parent: int) -> int:
-    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"), seed=parent)
+def root_hash(salt: str) -> int:
+    """The parent of a sequence's first block: 0, or a hash of the LoRA adapter's name."""
+    return xxhash.xxh3_64_intdigest(salt.encode(), seed=0) if salt else 0
 
 
 class TokenSequence:
-    """A request's tokens (prompt, then outputs) and the hash chain of its full blocks.
+    """A request's tokens (prompt, then outputs) and the hashes of its full blocks."""
 
-    Block i's hash covers blocks 0..i (each block is seeded with its parent's hash) plus the LoRA
-    adapter, so equal hashes mean equal KV content, as in vLLM's prefix cache.
-    """
+    __slots__ = ("block_size", "hashes", "ids", "root")
 
-    __slots__ = ("_root", "_tail", "_tail_tokens", "block_size", "hashes", "num_tokens")
-
-    def __init__(self, prompt: str, block_size: int, salt: str = "") -> None:
+    def __init__(self, ids: Sequence[int], block_size: int, salt: str = "") -> None:
         self.block_size = block_size
-        self.num_tokens = count_tokens(prompt)
-        block_chars = block_size * CHARS_PER_TOKEN
-        full = self.num_tokens // block_size
+        self.ids = list(ids)
+        self.root = root_hash(salt)
         self.hashes: list[int] = []
-        self._root = _hash(salt, 0) if salt else 0
-        parent = self._root
-        for i in range(full):
-            parent = _hash(prompt[i * block_chars : (i + 1) * block_chars], parent)
+        parent = self.root
+        for start in range(0, len(self.ids) - block_size + 1, block_size):
+            parent = block_hash(self.ids[start : start + block_size], parent)
             self.hashes.append(parent)
-        self._tail = prompt[full * block_chars :]
-        self._tail_tokens = self.num_tokens - full * block_size
 
-    def append(self, token: str) -> None:
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+    def block_tokens(self, index: int) -> list[int]:
+        return self.ids[index * self.block_size : (index + 1) * self.block_size]
+
+    def parent_hash(self, index: int) -> int | None:
+        """The hash block `index` was chained to (None for the first block)."""
+        return self.hashes[index - 1] if index else None
+
+    def append(self, token_id: int) -> None:
         """Add one generated token; hash the block it completes."""
-        self.num_tokens += 1
-        self._tail += token
-        self._tail_tokens += 1
-        if self._tail_tokens == self.block_size:
-            self.hashes.append(_hash(self._tail, self.hashes[-1] if self.hashes else self._root))
-            self._tail = ""
-            self._tail_tokens = 0
-
-
-class OutputText:
-    """Deterministic generated tokens for one request (seeded like a sampling seed)."""
-
-    __slots__ = ("_rng",)
-
-    def __init__(self, seed: int | None) -> None:
-        self._rng = random.Random(seed)
-
-    def next_token(self) -> str:
-        return self._rng.choice(VOCABULARY)
+        self.ids.append(token_id)
+        if len(self.ids) % self.block_size == 0:
+            parent = self.hashes[-1] if self.hashes else self.root
+            self.hashes.append(block_hash(self.ids[-self.block_size :], parent))
