@@ -7,7 +7,7 @@ warmed first with requests from groups sharing long system prompts, decisions ar
 while later and each endpoint is "scraped" in turn (outside the timing), as in the server, so the
 in-flight scorer and the load guard see real numbers.
 
-    python -m loadtest.bench_decision --out DIR    # writes DIR/bench_decision.json, prints a table
+    python -m loadtest bench-decision --out DIR    # writes DIR/bench_decision.json, prints a table
 """
 
 from __future__ import annotations
@@ -167,15 +167,16 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for bench_decision.json")
     parser.add_argument("--warm", type=int, default=3000, help="requests that warm the index per cell")
     parser.add_argument("--requests", type=int, default=3000, help="measured requests per cell")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--endpoints", type=int, nargs="+", default=ENDPOINTS, help="pool sizes to run")
     parser.add_argument("--prompt-kb", type=int, nargs="+", default=PROMPT_KB, help="prompt sizes to run")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
 
     print(" ".join(f"{title:>{len(title)}}" for _, title in TABLE))
     results = []
@@ -198,6 +199,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Requests/s through Envoy + picker vs Envoy round-robin, for small requests, with every process's CPU.
 
-    python -m loadtest.bench_proxy [--duration 10] [--concurrency 64] [--clients 2] [--replicas 4] \\
+    python -m loadtest bench-proxy [--duration 10] [--concurrency 64] [--clients 2] [--replicas 4] \\
         --out DIR
 
 The replicas are an Envoy serving canned answers (`direct_response`) on one port per replica, with
@@ -152,8 +152,8 @@ async def drive(
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "loadtest.bench_proxy",
-            "client",
+            "loadtest",
+            "proxy-client",
             url,
             str(n),
             str(duration),
@@ -247,32 +247,30 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["client"]:  # a load-generating child process
-        url, concurrency, duration = argv[1], int(argv[2]), float(argv[3])
-        result = asyncio.run(client(url, concurrency, duration))
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        result["cpu"] = usage.ru_utime + usage.ru_stime
-        sys.stdout.write(json.dumps(result))
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "proxy-client":  # a load-generating child process
+        parser.add_argument("url")
+        parser.add_argument("concurrency", type=int)
+        parser.add_argument("duration", type=float)
         return
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.bench_proxy", description=__doc__.splitlines()[0]
-    )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per mode")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per mode first")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.command == "proxy-client":
+        result = asyncio.run(client(args.url, args.concurrency, args.duration))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result["cpu"] = usage.ru_utime + usage.ru_stime
+        sys.stdout.write(json.dumps(result))
+        return
     result = asyncio.run(bench(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_proxy.json").write_text(json.dumps(result, indent=2))
     text = render(result)
     (args.out / "bench_proxy.md").write_text(text + "\n")
     print(text)
-
-
-if __name__ == "__main__":
-    main()

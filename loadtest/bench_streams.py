@@ -1,4 +1,4 @@
-"""`python -m loadtest.bench_streams`: pick latency and picker memory with many open ext_proc streams.
+"""`python -m loadtest bench-streams`: pick latency and picker memory with many open ext_proc streams.
 
 With the shipped Envoy config every in-flight HTTP request holds one ext_proc stream open until
 its response ends, so a picker in front of long generations holds tens of thousands of streams.
@@ -7,7 +7,7 @@ left open), and at each checkpoint measures, for fresh requests, the time from s
 to receiving the routing answer (what a gateway waits) and the picker's own decision time, plus
 the picker's RSS and CPU. Then it closes them all and checks the in-flight count returns to zero.
 
-    python -m loadtest.bench_streams --streams 20000 [--checkpoints 0,5000,10000,20000] [--out DIR]
+    python -m loadtest bench-streams --streams 20000 [--checkpoints 0,5000,10000,20000] [--out DIR]
 
 The picker runs as a subprocess (`python -m picker serve`) over simulated replicas; the streams
 are spread over `--channels` HTTP/2 connections, as Envoy's workers would.
@@ -34,9 +34,8 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 
-from loadtest.chaos import picker_totals
-from loadtest.processes import start_picker
-from loadtest.sim import SimProcess
+from loadtest.observe import metric_totals
+from loadtest.processes import SimProcess, start_picker
 
 OPEN_BATCH = 500  # streams opened concurrently
 SAMPLE_PICKS = 300  # fresh requests timed at each checkpoint
@@ -120,6 +119,7 @@ async def bench(streams: int, checkpoints: Sequence[int], channels: int, out: Pa
         sim = await stack.enter_async_context(SimProcess("--replicas", "4", "--port", "0"))
         picker = await stack.enter_async_context(start_picker(sim.addresses, out / "picker.log"))
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=10.0))
+        metrics = f"http://127.0.0.1:{picker.metrics_port}/metrics"
         proc = psutil.Process(picker.pid)
         options = [("grpc.max_receive_message_length", 16 << 20)]
         pool = [grpc.aio.insecure_channel(picker.address, options=options) for _ in range(channels)]
@@ -137,9 +137,9 @@ async def bench(streams: int, checkpoints: Sequence[int], channels: int, out: Pa
                 batch = range(len(held), min(target, len(held) + OPEN_BATCH))
                 held += await asyncio.gather(*(open_stream(stubs[i % channels], i) for i in batch))
             opened, cpu_used = time.monotonic() - started, sum(proc.cpu_times()[:2]) - cpu
-            before = await picker_totals(http, picker.metrics_port)
+            before = await metric_totals(http, metrics)
             samples = [await timed_pick(stubs[i % channels], 10_000_000 + i) for i in range(SAMPLE_PICKS)]
-            after = await picker_totals(http, picker.metrics_port)
+            after = await metric_totals(http, metrics)
             decisions = (
                 after["picker_pick_duration_seconds_count"] - before["picker_pick_duration_seconds_count"]
             )
@@ -160,13 +160,13 @@ async def bench(streams: int, checkpoints: Sequence[int], channels: int, out: Pa
                 )
             )
             print(json.dumps(asdict(results[-1])), flush=True)
-        assert (await picker_totals(http, picker.metrics_port))["picker_inflight_requests"] == len(held)
+        assert (await metric_totals(http, metrics))["picker_inflight_requests"] == len(held)
         closing = time.monotonic()
         for call in held:
             await call.done_writing()
         await asyncio.gather(*(call.read() for call in held))
         held.clear()
-        drained = await picker_totals(http, picker.metrics_port)
+        drained = await metric_totals(http, metrics)
         report: dict[str, object] = {
             "streams": streams,
             "channels": channels,
@@ -180,17 +180,16 @@ async def bench(streams: int, checkpoints: Sequence[int], channels: int, out: Pa
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.bench_streams", description=__doc__.split("\n")[0]
-    )
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--streams", type=int, default=20_000)
     parser.add_argument("--checkpoints", default="0,1000,5000,10000", help="also measured on the way up")
     parser.add_argument("--channels", type=int, default=2, help="HTTP/2 connections (Envoy: one per worker)")
     parser.add_argument(
         "--out", type=Path, default=Path("results") / f"bench-streams-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
     checkpoints = [int(c) for c in args.checkpoints.split(",") if c.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(bench(args.streams, checkpoints, args.channels, args.out))
@@ -198,6 +197,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "checkpoints"}, indent=2))
     print(f"written: {args.out / 'bench_streams.json'}")
 
-
-if __name__ == "__main__":
-    main()

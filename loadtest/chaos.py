@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
-import os
-import random
 import signal
 import time
 from collections import Counter
@@ -35,15 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.client import stream_request
+from loadtest.client import Record, SteadyLoad
 from loadtest.envoy import Envoy
-from loadtest.processes import PickerProcess, free_port, poll_until, start_picker
-from loadtest.sim import REPLICA_HEADER, SimProcess
-from loadtest.workloads import random_text
+from loadtest.observe import metric_totals
+from loadtest.processes import RestartablePicker, SimProcess, free_port, poll_until
+from loadtest.workloads import SharedPrefix
+from vllm_sim import REPLICA_HEADER
 
 FAIL_OPEN_STAT = "http.inference.ext_proc.failure_mode_allowed"
 # A dead replica may still get new requests for one scrape interval plus the round trip of the
@@ -67,122 +63,6 @@ class ChaosPlan:
     scrape_interval: float = 0.1  # the picker's metrics.scrape_interval (its default)
     request_timeout: float = 60.0
     seed: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One request, times in seconds since the run started."""
-
-    started: float
-    ended: float
-    group: int
-    error: str | None
-    replica: str | None  # the upstream address Envoy reports; None or "-" for local replies
-
-
-class Replica:
-    """One simulated replica in its own process, on a fixed port so it can come back there."""
-
-    def __init__(self, port: int, speed: float) -> None:
-        self.address = f"127.0.0.1:{port}"
-        self._args = ("--replicas", "1", "--port", str(port), "--speed", str(speed))
-        self._sim: SimProcess | None = None
-
-    async def start(self) -> None:
-        self._sim = SimProcess(*self._args)
-        await self._sim.start()
-
-    async def kill(self) -> None:
-        assert self._sim is not None and self._sim.process is not None
-        self._sim.process.kill()
-        await self._sim.process.wait()
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self._sim is not None and self._sim.pid is not None
-        os.kill(self._sim.pid, sig)
-
-    async def stop(self) -> None:
-        if self._sim is not None:
-            self.signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
-            await self._sim.stop()
-
-
-class Picker:
-    """The picker process on fixed ports, so Envoy's ext_proc cluster finds it again after a restart."""
-
-    def __init__(self, endpoints: Sequence[str], logs: Path, stack: contextlib.AsyncExitStack) -> None:
-        self.grpc_port, self.metrics_port = free_port(), free_port()
-        self._endpoints, self._logs, self._stack = endpoints, logs, stack
-        self._args = ("--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port))
-        self._starts = itertools.count()
-        self.process: PickerProcess | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    async def start(self) -> None:
-        log = self._logs / f"picker-{next(self._starts)}.log"
-        # Later occurrences of --grpc-port / --metrics-port win over start_picker's free ports.
-        self.process = await self._stack.enter_async_context(start_picker(self._endpoints, log, self._args))
-
-    async def stop(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        self.process.process.send_signal(sig)
-        await self.process.process.wait()
-
-    async def samples(self, http: httpx.AsyncClient) -> dict[str, float]:
-        return await picker_totals(http, self.metrics_port)
-
-
-async def picker_totals(http: httpx.AsyncClient, metrics_port: int) -> dict[str, float]:
-    """The picker's own metrics summed over labels: decisions, open streams, in-flight requests."""
-    page = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
-    totals: Counter[str] = Counter()
-    for family in text_string_to_metric_families(page):
-        for sample in family.samples:
-            totals[sample.name] += sample.value
-    return dict(totals)
-
-
-class Load:
-    """`concurrency` closed-loop workers sending streaming chat requests until `stop` is set."""
-
-    def __init__(self, plan: ChaosPlan, url: str, model: str, t0: float) -> None:
-        self.plan, self.url, self.model, self.t0 = plan, url + "/v1/chat/completions", model, t0
-        rng = random.Random(plan.seed)
-        self.prefixes = [random_text(rng, PREFIX_TOKENS) for _ in range(plan.groups)]
-        self._rng = rng
-        self.records: list[Record] = []
-        self.stop = asyncio.Event()
-
-    def body(self, group: int) -> dict[str, Any]:
-        question = random_text(self._rng, QUESTION_TOKENS)
-        return {
-            "model": self.model,
-            "messages": [
-                {"role": "system", "content": self.prefixes[group]},
-                {"role": "user", "content": question},
-            ],
-            "max_tokens": self.plan.max_tokens,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-
-    async def run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.plan.request_timeout, sock_connect=10)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
-            await asyncio.gather(*(self._worker(http) for _ in range(self.plan.concurrency)))
-
-    async def _worker(self, http: aiohttp.ClientSession) -> None:
-        while not self.stop.is_set():
-            # Random, not cycled: a cycle in step with Envoy's round-robin would fake affinity.
-            group = self._rng.randrange(self.plan.groups)
-            started = time.monotonic() - self.t0
-            outcome = await stream_request(http, self.url, self.body(group))
-            ended = time.monotonic() - self.t0
-            self.records.append(Record(started, ended, group, outcome.error, outcome.replica))
 
 
 @dataclass(slots=True)
@@ -213,8 +93,10 @@ class Run:
         self.plan, self.stack, self.http = plan, stack, http
         self.t0 = time.monotonic()
         self.phases: list[Phase] = []
-        self.replicas = [Replica(free_port(), plan.speed) for _ in range(plan.replicas)]
-        self.picker = Picker([r.address for r in self.replicas], plan.out / "logs", stack)
+        ports = [free_port() for _ in range(plan.replicas)]
+        self.replicas = [SimProcess("--port", str(port), "--speed", str(plan.speed)) for port in ports]
+        self.addresses = [f"127.0.0.1:{port}" for port in ports]
+        self.picker = RestartablePicker(self.addresses, plan.out / "logs", stack)
         self.envoy: Envoy | None = None
 
     def now(self) -> float:
@@ -229,13 +111,13 @@ class Run:
         self.envoy = await self.stack.enter_async_context(
             Envoy.start(
                 "picker",
-                endpoints=[r.address for r in self.replicas],
+                endpoints=self.addresses,
                 picker=[self.picker.address],
                 workdir=self.plan.out / "logs" / "envoy",
                 customize=tag_upstream,
             )
         )
-        models = (await self.http.get(f"http://{self.replicas[0].address}/v1/models")).json()
+        models = (await self.http.get(f"http://{self.addresses[0]}/v1/models")).json()
         return str(models["data"][0]["id"])
 
     async def enter(self, name: str) -> Phase:
@@ -252,6 +134,9 @@ class Run:
         assert self.envoy is not None
         return (await self.envoy.stats("ext_proc")).get(FAIL_OPEN_STAT, 0)
 
+    async def picker_samples(self) -> dict[str, float]:
+        return await metric_totals(self.http, f"http://127.0.0.1:{self.picker.metrics_port}/metrics")
+
     async def hold(self) -> None:
         await asyncio.sleep(self.plan.phase_seconds)
 
@@ -259,7 +144,7 @@ class Run:
         """Whether the (restarted) picker routes a request within `within` seconds."""
 
         async def decided() -> bool | None:
-            samples = await self.picker.samples(self.http)
+            samples = await self.picker_samples()
             return True if samples.get("picker_decisions_total", 0) > 0 else None
 
         try:
@@ -272,19 +157,28 @@ class Run:
         """The picker's open streams and in-flight requests once the load has stopped."""
 
         async def idle() -> dict[str, float] | None:
-            samples = await self.picker.samples(self.http)
+            samples = await self.picker_samples()
             held = samples.get("picker_inflight_requests", 0) + samples.get("picker_extproc_streams_open", 0)
             return samples if held == 0 else None
 
         try:
             samples = await poll_until(idle, within=10.0, what="picker drained", interval=0.1)
         except TimeoutError:
-            samples = await self.picker.samples(self.http)
+            samples = await self.picker_samples()
         keys = ("picker_inflight_requests", "picker_inflight_prompt_tokens", "picker_extproc_streams_open")
         return {key: samples.get(key, 0.0) for key in keys}
 
 
-async def scenario(run: Run, load: Load) -> None:
+def steady_load(plan: ChaosPlan, url: str, model: str, t0: float) -> SteadyLoad:
+    """Chat requests over `plan.groups` shared prompt prefixes, at `plan.concurrency`."""
+    workload = SharedPrefix(plan.groups, PREFIX_TOKENS, QUESTION_TOKENS, plan.max_tokens)
+    return SteadyLoad(
+        workload, url, model, concurrency=plan.concurrency, seed=plan.seed, t0=t0,
+        request_timeout=plan.request_timeout,
+    )  # fmt: skip
+
+
+async def scenario(run: Run, load: SteadyLoad) -> None:
     """The fault timeline, then the load is told to stop."""
     victim = run.replicas[0]
     await run.enter("baseline")
@@ -377,7 +271,7 @@ def phase_report(phase: Phase, records: Sequence[Record]) -> PhaseReport:
 def replica_findings(plan: ChaosPlan, run: Run, records: Sequence[Record]) -> dict[str, float | int | None]:
     """How the killed, revived, frozen and resumed replica was treated, and which failures were
     not explained by the faults (collateral)."""
-    victim = run.replicas[0].address
+    victim = run.addresses[0]
     at = {p.name: p for p in run.phases}
     killed, back, hung, resumed = (
         at[n] for n in ("replica-down", "replica-back", "replica-hung", "replica-resumed")
@@ -447,7 +341,7 @@ async def run_chaos(plan: ChaosPlan) -> dict[str, Any]:
         run = Run(plan, stack, http)
         model = await run.start()
         assert run.envoy is not None
-        load = Load(plan, run.envoy.url, model, run.t0)
+        load = steady_load(plan, run.envoy.url, model, run.t0)
         traffic = asyncio.create_task(load.run())
         try:
             await scenario(run, load)
@@ -502,7 +396,7 @@ def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--phase-seconds", type=float, default=10.0, help="length of each phase (10)")
     parser.add_argument("--concurrency", type=int, default=8, help="closed-loop client streams (8)")

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loadtest import chaos, report
+from loadtest import report
 from loadtest.runner import RunPlan, run_plan
 from loadtest.stack import MODES, PoolSpec
 from loadtest.stats import E2E_P99, HIT_RATE, OUTPUT_TPS, TOTAL_TPS, TPOT_P50, TTFT_P90, ModeResult, ratio
@@ -90,10 +90,13 @@ def _assignment(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a workload against several routing modes")
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """The options of `run`, or of `demo`."""
+    if command == "demo":
+        parser.add_argument("--out", type=Path, help="output directory (default results/demo-<time>)")
+        parser.add_argument("--requests", type=int, default=DEMO_REQUESTS, help="requests per mode")
+        return
+    run = parser
     run.add_argument("--workload", choices=WORKLOADS, required=True)
     run.add_argument("--modes", type=_modes, default=list(MODES), help="comma-separated (all four)")
     run.add_argument("--concurrency", type=_ints, default=[32], help="one value, or a sweep: 8,32,128")
@@ -131,11 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--request-timeout", type=float, default=600.0)
     run.add_argument("--out", type=Path, help="output directory (default results/<workload>-<time>)")
-    demo = commands.add_parser("demo", help="direct vs envoy-rr vs picker on a shared-prefix workload")
-    demo.add_argument("--out", type=Path, help="output directory (default results/demo-<time>)")
-    demo.add_argument("--requests", type=int, default=DEMO_REQUESTS, help="requests per mode")
-    chaos.add_arguments(commands.add_parser("chaos", help="fault scenarios under load, with a report"))
-    return parser
 
 
 def plan_from_args(args: argparse.Namespace) -> RunPlan:
@@ -213,11 +211,8 @@ def _table(concurrency: int, modes: dict[str, ModeResult]) -> Table:
     return table
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.command == "chaos":
-        raise SystemExit(chaos.main(args))
+def main(args: argparse.Namespace) -> None:
+    argv = sys.argv[1:]
     try:
         plan = plan_from_args(args)
     except ValueError as exc:

@@ -1,6 +1,6 @@
 """One load-client process: closed-loop streaming requests, timed the way `vllm bench serve` times them.
 
-The runner starts several of these (`python -m loadtest.client`), because one asyncio process
+The runner starts several of these (`python -m loadtest client`), because one asyncio process
 parsing SSE saturates a core long before the replicas do. Each reads a `ClientJob` as one JSON
 line on stdin, warms up, prints `{"ready": true}`, waits for a `go` line, runs its share of the
 concurrency, writes a `ClientResult` to `job.result_path` and prints `{"finished": true}`. While
@@ -16,6 +16,7 @@ server may pack several tokens into one chunk. Failures are counted by kind: `ht
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import random
@@ -30,8 +31,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from loadtest.sim import REPLICA_HEADER
-from loadtest.workloads import Session, assigned_sessions, assigned_warmup, from_dict, random_text
+from loadtest.workloads import (
+    Session,
+    SharedPrefix,
+    assigned_sessions,
+    assigned_warmup,
+    from_dict,
+    random_text,
+)
+from vllm_sim import REPLICA_HEADER
 
 PROGRESS_INTERVAL = 0.25
 WARMUP_PROMPT_TOKENS = 32
@@ -302,6 +310,51 @@ class Client:
             result.tpot.append((outcome.e2e - outcome.ttft) / (outcome.output_tokens - 1))
 
 
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One request of a `SteadyLoad`, times in seconds since the load's `t0`."""
+
+    started: float
+    ended: float
+    group: int  # which shared prefix (system prompt) it carried, numbered as first seen
+    error: str | None
+    replica: str | None  # the x-sim-replica header (e.g. the upstream address Envoy reports)
+
+
+class SteadyLoad:
+    """`concurrency` closed-loop workers sending a shared-prefix workload's chat requests to one
+    URL until `stop` is set, each request recorded (for runs that inject faults or watch memory,
+    where what matters is what happened when, not `vllm bench serve` statistics)."""
+
+    def __init__(
+        self, workload: SharedPrefix, url: str, model: str, *, concurrency: int, seed: int = 0,
+        t0: float | None = None, request_timeout: float = 60.0,
+    ) -> None:  # fmt: skip
+        self.url, self.model = url + "/v1/chat/completions", model
+        self.concurrency, self.request_timeout = concurrency, request_timeout
+        self.t0 = time.monotonic() if t0 is None else t0
+        # Groups are drawn at random, not cycled: a cycle in step with round-robin fakes affinity.
+        self._sessions = workload.sessions(random.Random(seed))
+        self._groups: dict[str | None, int] = {}
+        self.records: list[Record] = []
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=10)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
+            await asyncio.gather(*(self._worker(http) for _ in range(self.concurrency)))
+
+    async def _worker(self, http: aiohttp.ClientSession) -> None:
+        while not self.stop.is_set():
+            session = next(self._sessions)
+            group = self._groups.setdefault(session.system, len(self._groups))
+            history = [{"role": "system", "content": session.system}] if session.system else []
+            started = time.monotonic() - self.t0
+            outcome = await stream_request(http, self.url, request_body(self.model, session, 0, history))
+            ended = time.monotonic() - self.t0
+            self.records.append(Record(started, ended, group, outcome.error, outcome.replica))
+
+
 def emit(message: dict[str, Any]) -> None:
     sys.stdout.write(orjson.dumps(message).decode() + "\n")
     sys.stdout.flush()
@@ -330,7 +383,11 @@ async def measure(job: ClientJob) -> ClientResult | None:
             progress.cancel()
 
 
-def main() -> None:
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """None: the job comes as one JSON line on stdin."""
+
+
+def main(args: argparse.Namespace) -> None:
     job = ClientJob(**orjson.loads(sys.stdin.readline()))
     try:
         import uvloop
@@ -348,6 +405,3 @@ def main() -> None:
         result.dump(Path(job.result_path))
         emit({"done": result.finished, "errors": sum(result.errors.values()), "finished": True})
 
-
-if __name__ == "__main__":
-    main()

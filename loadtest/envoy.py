@@ -9,7 +9,7 @@ is tested is what users run.
         httpx.get(e.url + "/v1/models"); await e.stats("ext_proc")
 
 CLI (foreground, for manual use):
-    python -m loadtest.envoy --config picker --listen-port 8081 \
+    python -m loadtest envoy --config picker --listen-port 8081 \
         --endpoints 127.0.0.1:8000,127.0.0.1:8001 --picker 127.0.0.1:9002 [--picker-tls]
 """
 
@@ -249,9 +249,7 @@ def _addresses(value: str) -> list[str]:
     return addresses
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Render the chosen config and exec Envoy in the foreground (Ctrl-C stops it)."""
-    parser = argparse.ArgumentParser(prog="python -m loadtest.envoy", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--config", choices=sorted(CONFIG_FILES), default="picker")
     parser.add_argument("--listen-port", type=int, default=8081)
     parser.add_argument("--admin-port", type=int, default=9901)
@@ -263,7 +261,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="worker threads (Envoy: all cores)")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--print-config", action="store_true", help="print the rendered YAML and exit")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    """Render the chosen config and exec Envoy in the foreground (Ctrl-C stops it)."""
     rendered = render(
         args.config,
         endpoints=args.endpoints,
@@ -278,6 +279,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv_ = command(rendered, concurrency=args.concurrency, log_level=args.log_level)
     os.execv(argv_[0], argv_)
 
-
-if __name__ == "__main__":
-    main()

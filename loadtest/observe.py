@@ -1,4 +1,5 @@
-"""What a run reads from outside the clients: the replicas' own counters and every process's CPU.
+"""What a run reads from outside the clients: the replicas' and the picker's own metrics and every
+process's CPU.
 
 Prefix-cache hit rates come from the replicas (`vllm:prefix_cache_*_total`, in tokens), not from
 anything the picker claims, and are taken as the difference across the measured window so the
@@ -9,11 +10,13 @@ replica-bound; the host's busy share shows when something else was using the mac
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 COUNTERS = (
     "vllm:prefix_cache_queries_total",
@@ -44,6 +47,17 @@ async def scrape_counters(replicas: Iterable[str]) -> dict[str, Counters]:
     for page in pages.values():
         page.raise_for_status()
     return {address: parse_counters(page.text) for address, page in pages.items()}
+
+
+async def metric_totals(http: httpx.AsyncClient, url: str) -> dict[str, float]:
+    """Every sample on a (small) Prometheus page summed over its labels, by sample name (e.g. the
+    picker's decisions, open streams and in-flight requests)."""
+    page = (await http.get(url)).text
+    totals: Counter[str] = Counter()
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            totals[sample.name] += sample.value
+    return dict(totals)
 
 
 def counter_delta(before: dict[str, Counters], after: dict[str, Counters]) -> dict[str, Counters]:

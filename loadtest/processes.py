@@ -1,22 +1,30 @@
-"""Helpers for the processes tests and load tests start: ports, readiness, stopping, the picker.
+"""The processes tests and load tests start: ports, readiness, stopping, the picker, the simulator.
 
-Everything here drives real subprocesses (`python -m picker serve`, `envoy`, the simulator), so
-readiness is polled with a deadline: there is no in-process event to wait on.
+Everything here drives real subprocesses (`python -m picker serve`, `envoy`, `python -m vllm_sim`),
+so readiness is polled with a deadline or read from the child's output: there is no in-process
+event to wait on. A separate simulator process keeps the replicas' CPU use apart from the
+picker's and the load generator's, as real replicas would be.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
+import re
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from vllm_sim.cli import parse_args as parse_sim_args
 
 _T = TypeVar("_T")
 
@@ -123,3 +131,105 @@ async def wait_picker_ready(process: asyncio.subprocess.Process, health_port: in
             return True if answer.status == health_pb2.HealthCheckResponse.SERVING else None
 
         await poll_until(ready, within=READY_TIMEOUT, what="picker readiness")
+
+
+class RestartablePicker:
+    """The picker on fixed ports, so Envoy's ext_proc cluster finds it again after a restart."""
+
+    def __init__(self, endpoints: Sequence[str], logs: Path, stack: contextlib.AsyncExitStack) -> None:
+        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self._endpoints, self._logs, self._stack = endpoints, logs, stack
+        self._args = ("--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port))
+        self._starts = itertools.count()
+        self.process: PickerProcess | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    async def start(self) -> None:
+        log = self._logs / f"picker-{next(self._starts)}.log"
+        # Later occurrences of --grpc-port / --metrics-port win over start_picker's free ports.
+        self.process = await self._stack.enter_async_context(start_picker(self._endpoints, log, self._args))
+
+    async def stop(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.process.send_signal(sig)
+        await self.process.process.wait()
+
+
+_SIM_READY = re.compile(r"replica (\S+) ready on (\S+) profile=(\S+)")
+
+
+class SimProcess:
+    """`async with SimProcess("--replicas", "4", "--port", "0") as sim:` then use `sim.addresses`.
+
+    Takes `python -m vllm_sim`'s arguments and waits for every replica's ready line. With a fixed
+    `--port` it can be killed, frozen (`signal`) and started again on the same port.
+    """
+
+    def __init__(self, *args: str, ready_timeout: float = 30.0, stop_timeout: float = 5.0) -> None:
+        self.args = args
+        try:
+            self.replicas = parse_sim_args(args).replicas
+        except SystemExit:  # argparse has printed why
+            raise ValueError(f"invalid simulator arguments {args}") from None
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.addresses: list[str] = []
+        self.profiles: list[str] = []
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> list[str]:
+        self.addresses, self.profiles = [], []
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "vllm_sim", *self.args, stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            async with asyncio.timeout(self.ready_timeout):
+                while len(self.addresses) < self.replicas:
+                    await self._read_ready_line()
+        except BaseException:
+            await self.stop()
+            raise
+        return self.addresses
+
+    async def _read_ready_line(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        line = (await self.process.stdout.readline()).decode()
+        if not line:
+            code = await self.process.wait()
+            raise RuntimeError(f"simulator exited with {code} before all replicas were ready")
+        match = _SIM_READY.fullmatch(line.strip())
+        if match:
+            self.addresses.append(match[2])
+            self.profiles.append(match[3])
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, sig)
+
+    async def kill(self) -> None:
+        """SIGKILL, like a crash: connections reset, the port refuses until `start` again."""
+        assert self.process is not None
+        self.process.kill()
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        """SIGTERM (after SIGCONT: a frozen process cannot act on it), SIGKILL after `stop_timeout`."""
+        process, self.process = self.process, None
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGCONT)
+        await stop_process(process, self.stop_timeout)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

@@ -182,14 +182,14 @@ class _ClientProcess:
 
 @contextlib.asynccontextmanager
 async def _clients(jobs: Sequence[ClientJob], logs: Path) -> AsyncIterator[list[_ClientProcess]]:
-    """Start one `python -m loadtest.client` per job and wait until every one has warmed up."""
+    """Start one `python -m loadtest client` per job and wait until every one has warmed up."""
     clients: list[_ClientProcess] = []
     try:
         for job in jobs:
             log = logs / f"client-{job.index}.log"
             with log.open("ab") as stderr:
                 process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "loadtest.client",
+                    sys.executable, "-m", "loadtest", "client",
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
                 )  # fmt: skip
             clients.append(_ClientProcess(process, log))

@@ -1,4 +1,4 @@
-"""`python -m loadtest.soak`: steady load for minutes; the picker's memory and descriptors must stay flat.
+"""`python -m loadtest soak`: steady load for minutes; the picker's memory and descriptors must stay flat.
 
 The chaos stack (one simulator process per replica, the picker, the real Envoy) under the chaos
 runner's closed-loop load, with no faults. Every `--interval` seconds it samples each process's
@@ -6,7 +6,7 @@ RSS and open file descriptors and the picker's open streams; the report compares
 sample after warm-up with the last one and fits a slope, then checks that the picker's in-flight
 state drains to zero once the load stops.
 
-    python -m loadtest.soak --minutes 10 [--interval 10] [--concurrency 8] [--out DIR]
+    python -m loadtest soak --minutes 10 [--interval 10] [--concurrency 8] [--out DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from loadtest.chaos import ChaosPlan, Load, Run
+from loadtest.chaos import ChaosPlan, Run, steady_load
 
 WARMUP_SAMPLES = 2  # the first samples include start-up growth (imports, caches, connections)
 
@@ -76,7 +76,7 @@ async def soak(plan: ChaosPlan, minutes: float, interval: float) -> dict[str, ob
         model = await run.start()
         assert run.envoy is not None and run.picker.process is not None
         pids = {"picker": run.picker.process.pid, "envoy": run.envoy.pid}
-        load = Load(plan, run.envoy.url, model, run.t0)
+        load = steady_load(plan, run.envoy.url, model, run.t0)
         traffic = asyncio.create_task(load.run())
         samples: list[Sample] = []
         started = time.monotonic()
@@ -84,7 +84,7 @@ async def soak(plan: ChaosPlan, minutes: float, interval: float) -> dict[str, ob
             while (elapsed := time.monotonic() - started) < minutes * 60:
                 await asyncio.sleep(min(interval, minutes * 60 - elapsed))
                 rss, fds = measure(pids)
-                picker = await run.picker.samples(http)
+                picker = await run.picker_samples()
                 records = load.records
                 sample = Sample(
                     seconds=round(time.monotonic() - started, 1),
@@ -112,22 +112,19 @@ async def soak(plan: ChaosPlan, minutes: float, interval: float) -> dict[str, ob
     }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--replicas", type=int, default=3)
     default_out = Path("results") / f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
     parser.add_argument("--out", type=Path, default=default_out)
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
     plan = ChaosPlan(out=args.out, replicas=args.replicas, concurrency=args.concurrency)
     args.out.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(soak(plan, args.minutes, args.interval))
     (args.out / "soak.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     print(f"written: {args.out / 'soak.json'}")
-
-
-if __name__ == "__main__":
-    main()

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 
 from loadtest.envoy import Envoy
-from loadtest.processes import start_picker
-from loadtest.sim import REPLICA_HEADER, SimProcess, get_profile
+from loadtest.processes import SimProcess, start_picker
+from vllm_sim import REPLICA_HEADER, get_profile
 
 MODES = ("direct", "envoy-rr", "picker", "picker-gie", "picker-gie-echo", "picker-gie-lean")
 ENVOY_CONFIGS = {

@@ -1,9 +1,10 @@
 """What the load clients send: sessions of OpenAI requests, generated deterministically from a seed.
 
 Every client process regenerates the same stream of sessions from (workload, seed) and keeps its
-own share, so nothing large crosses process boundaries and runs are reproducible. Text is random
-hex, which the simulator (and the picker) count as 4 characters per token, so lengths are exact
-and no two random prompts share a block.
+own share, so nothing large crosses process boundaries and runs are reproducible. Text is made of
+words (`loadtest.text`), sized in tokens with the simulator's own tokenizer, so lengths are exact
+while characters per token vary as they do with real text: ~4.4 for the prose of shared-prefix
+and multi-turn, ~3.4 for uniform's rare words. No two random prompts share a block.
 
 - `Uniform`: InferenceMAX-style random prompts on /v1/completions, lengths drawn in
   [ratio x L, L] (the range ratio of the benchmark_serving.py InferenceMAX runs), ignore-EOS.
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Protocol
 
-from picker.request import CHARS_PER_TOKEN
+from loadtest.text import sized_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +64,9 @@ class Workload(Protocol):
         ...
 
 
-def random_text(rng: random.Random, tokens: int) -> str:
-    """`tokens` tokens of random text (hex: `CHARS_PER_TOKEN` characters per token)."""
-    return rng.randbytes(tokens * CHARS_PER_TOKEN // 2).hex()
+def random_text(rng: random.Random, tokens: int, *, common: bool = True) -> str:
+    """`tokens` tokens of random sentences: prose (`common` words), or rare words."""
+    return sized_text(rng, tokens, common=common)
 
 
 def draw_length(rng: random.Random, length: int, range_ratio: float) -> int:
@@ -83,7 +84,7 @@ class Uniform:
 
     def sessions(self, rng: random.Random) -> Iterator[Session]:
         while True:
-            prompt = random_text(rng, draw_length(rng, self.input_tokens, self.range_ratio))
+            prompt = random_text(rng, draw_length(rng, self.input_tokens, self.range_ratio), common=False)
             output = draw_length(rng, self.output_tokens, self.range_ratio)
             yield Session((prompt,), (output,), chat=False)
 

@@ -27,7 +27,7 @@ from loadtest.envoy import CONFIG_FILES, ENVOY_DIR, PICKER_CLUSTER, Envoy, envoy
 from picker.tls import server_credentials
 
 if TYPE_CHECKING:
-    from tests.e2e.conftest import FakeVLLM
+    from tests.support.fake_vllm import FakeVLLM
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from loadtest.processes import poll_until
-from tests.e2e.conftest import VLLMMetrics
 from tests.faults.conftest import CHAT, chat, metric, picker_metrics
+from tests.support.fake_vllm import VLLMMetrics
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,11 +37,11 @@ NONSENSE = {
 
 
 async def test_nonsense_metrics_make_a_replica_unknown_and_never_starve_the_others(
-    killable_vllm, picker_server, envoy, client: httpx.AsyncClient
+    fake_vllm, picker_server, envoy, client: httpx.AsyncClient
 ) -> None:
-    replicas = await killable_vllm(3)
+    replicas = await fake_vllm(3)
     for other in replicas[1:]:
-        other.replica.metrics.waiting = 3  # replica 0 is the choice whenever it is known
+        other.metrics.waiting = 3  # replica 0 is the choice whenever it is known
     addresses = [r.address for r in replicas]
     picker = await picker_server(addresses)
     proxy = await envoy("picker", endpoints=addresses, picker=[picker.address])
@@ -58,14 +58,14 @@ async def test_nonsense_metrics_make_a_replica_unknown_and_never_starve_the_othe
 
     assert await served_by() == "0"
     for kind, page in NONSENSE.items():
-        target.replica.metrics = page
+        target.metrics = page
         await poll_until(lambda: routable(0.0), within=5.0, what=f"{kind}: replica 0 unroutable")
         assert {await served_by() for _ in range(5)} <= {"1", "2"}, kind
         samples = await picker_metrics(picker)
         for other in replicas[1:]:  # still scraped every interval (0.1 s)
             age = metric(samples, "picker_endpoint_metrics_age_seconds", endpoint=other.address)
             assert age is not None and age < 1.0, (kind, age)
-        target.replica.metrics = GOOD
+        target.metrics = GOOD
         await poll_until(lambda: routable(1.0), within=5.0, what=f"{kind}: replica 0 routable again")
         assert await served_by() == "0", kind
 

@@ -22,8 +22,8 @@ from tests.faults.conftest import CHAT, chat
 pytestmark = pytest.mark.timeout(60)
 
 
-async def test_probe_marks_a_refused_endpoint_at_once_and_is_bounded(refused_address, killable_vllm) -> None:
-    (replica,) = await killable_vllm(1)
+async def test_probe_marks_a_refused_endpoint_at_once_and_is_bounded(refused_address, fake_vllm) -> None:
+    (replica,) = await fake_vllm(1)
     pool = EndpointPool()
     pool.set_addresses([refused_address, replica.address])
     refused, alive = pool.endpoints
@@ -79,11 +79,11 @@ async def test_request_control_probes_only_after_an_exchange_that_ended_fast() -
 
 
 async def test_killed_replica_is_dropped_after_one_failed_request_and_used_again_when_back(
-    killable_vllm, picker_server, envoy, config_file, client: httpx.AsyncClient
+    fake_vllm, picker_server, envoy, config_file, client: httpx.AsyncClient
 ) -> None:
-    replicas = await killable_vllm(3)
+    replicas = await fake_vllm(3)
     for other in replicas[1:]:
-        other.replica.metrics.waiting = 3  # replica 0 is the picker's choice while it lives
+        other.metrics.waiting = 3  # replica 0 is the picker's choice while it lives
     addresses = [r.address for r in replicas]
     # Scrapes 1 s apart and no staleness: without the fast-end probe the dead replica would
     # stay the best choice, and fail request after request, until the next scrape.
@@ -101,7 +101,7 @@ async def test_killed_replica_is_dropped_after_one_failed_request_and_used_again
     assert len(failed) <= 2, statuses  # the first fails fast (503); its probe drops the replica
     assert all(served in {"1", "2"} for code, served in statuses[len(failed) :] if code == 200)
 
-    await replicas[0].revive()
+    await replicas[0].start()
     deadline = time.monotonic() + 5.0  # one scrape interval, with room for a busy machine
     while (await send(99)).headers.get("x-sim-replica") != "0":
         assert time.monotonic() < deadline, "the revived replica was not used again"

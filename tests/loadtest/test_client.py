@@ -16,10 +16,10 @@ from aiohttp import web
 from loadtest.client import Client, ClientJob, ClientResult, request_body, stream_request
 from loadtest.observe import scrape_counters
 from loadtest.processes import free_port
-from loadtest.sim import run_replicas
 from loadtest.workloads import MultiTurn, Session, SharedPrefix, Uniform, to_dict
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from tests.support.fake_vllm import FakeVLLM, Handler
+from tests.support.tokens import count_tokens
+from vllm_sim import run_replicas
 
 
 @pytest.fixture
@@ -29,23 +29,14 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
-    """Factory: an in-process server whose /v1/completions runs `handler`; returns its base URL."""
-    runners: list[web.AppRunner] = []
+def serve(fake_vllm: Callable[..., Awaitable[list[FakeVLLM]]]) -> Callable[[Handler], Awaitable[str]]:
+    """Factory: a fake vLLM whose inference requests `handler` answers; returns its base URL."""
 
     async def start(handler: Handler) -> str:
-        app = web.Application()
-        app.router.add_post("/v1/completions", handler)
-        runner = web.AppRunner(app, handler_cancellation=True)  # a client leaving ends its handler
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+        (replica,) = await fake_vllm(1, completion=handler)
+        return replica.url
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 async def run_job(job: ClientJob) -> ClientResult:
@@ -67,7 +58,7 @@ async def test_a_streamed_chat_is_timed_per_chunk(http: aiohttp.ClientSession) -
     assert outcome.output_tokens == 12 and outcome.prompt_tokens > 60
     assert outcome.ttft is not None and 0 < outcome.ttft < outcome.e2e
     assert 1 <= len(outcome.itl) <= 11 and sum(outcome.itl) <= outcome.e2e - outcome.ttft
-    assert len(outcome.text) == 12 * 4  # the simulator's tokens are 4 characters
+    assert count_tokens(outcome.text, special=False) == 12  # the text is the tokens it counts
 
 
 async def test_multi_turn_resends_answers_so_later_turns_hit_the_cache(tmp_path: Path) -> None:

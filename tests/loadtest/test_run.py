@@ -148,7 +148,7 @@ async def test_a_failing_picker_stops_the_run_and_everything_it_started(tmp_path
 
 async def test_ctrl_c_mid_run_stops_every_process(tmp_path: Path) -> None:
     def clients_running(run: Run) -> bool:
-        return run.started("loadtest.client")
+        return run.started("loadtest client")
 
     async def interrupt(process: asyncio.subprocess.Process) -> None:
         await asyncio.sleep(0.5)  # let the measured phase begin
@@ -159,7 +159,7 @@ async def test_ctrl_c_mid_run_stops_every_process(tmp_path: Path) -> None:
         "--out", str(tmp_path / "interrupted"), when=clients_running, then=interrupt, within=40.0,
     )  # fmt: skip
     assert run.returncode == 1 and "interrupted" in run.stderr
-    assert all(run.started(word) for word in ("loadtest.sim", "envoy", "picker serve", "loadtest.client"))
+    assert all(run.started(word) for word in ("vllm_sim", "envoy", "picker serve", "loadtest client"))
     assert not run.leftovers
 
 

@@ -17,7 +17,11 @@ from loadtest.workloads import (
     to_dict,
     with_params,
 )
-from picker.request import CHARS_PER_TOKEN
+from tests.support.tokens import TOKENIZER, count_tokens
+
+
+def tokens(text: str) -> int:
+    return count_tokens(text, special=False)
 
 
 def take(workload, n: int, seed: int = 0):
@@ -26,12 +30,12 @@ def take(workload, n: int, seed: int = 0):
 
 def test_uniform_lengths_fall_in_the_range_and_prompts_share_no_block() -> None:
     sessions = take(Uniform(input_tokens=100, output_tokens=50, range_ratio=0.8), 300)
-    inputs = [len(s.prompts[0]) // CHARS_PER_TOKEN for s in sessions]
+    inputs = [tokens(s.prompts[0]) for s in sessions]
     outputs = [s.max_tokens[0] for s in sessions]
     assert min(inputs) >= 80 and max(inputs) <= 100 and len(set(inputs)) > 10
     assert min(outputs) >= 40 and max(outputs) <= 50
     assert all(not s.chat and s.system is None for s in sessions)
-    first_blocks = {s.prompts[0][: 16 * CHARS_PER_TOKEN] for s in sessions}
+    first_blocks = {tuple(TOKENIZER.encode(s.prompts[0]).ids[:16]) for s in sessions}
     assert len(first_blocks) == len(sessions)
 
 
@@ -39,7 +43,7 @@ def test_shared_prefix_reuses_exactly_its_groups_system_prompts() -> None:
     workload = SharedPrefix(groups=5, prefix_tokens=64, question_tokens=8, output_tokens=4)
     sessions = take(workload, 200)
     assert len({s.system for s in sessions}) == 5
-    assert {len(s.system or "") for s in sessions} == {64 * CHARS_PER_TOKEN}
+    assert {tokens(s.system or "") for s in sessions} == {64}
     assert len({s.prompts[0] for s in sessions}) == 200  # every question is new
 
 
@@ -54,7 +58,7 @@ def test_shared_prefix_is_sized_to_exceed_one_replica_and_fit_the_pool() -> None
 
 def test_multi_turn_sessions_have_all_their_turns() -> None:
     session = take(MultiTurn(turns=3, first_tokens=40, turn_tokens=8, output_tokens=5), 1)[0]
-    assert [len(p) // CHARS_PER_TOKEN for p in session.prompts] == [40, 8, 8]
+    assert [tokens(p) for p in session.prompts] == [40, 8, 8]
     assert session.max_tokens == (5, 5, 5) and session.chat
 
 
@@ -90,3 +94,13 @@ def test_shared_prefix_warm_up_is_every_groups_prefix_once_split_over_clients() 
     assert {s.system for part in parts for s in part} == prefixes
     assert all(s.max_tokens == (1,) for part in parts for s in part)
     assert Uniform().warmup(random.Random(0)) == MultiTurn().warmup(random.Random(0)) == []
+
+
+def test_text_is_words_whose_characters_per_token_vary_by_workload() -> None:
+    """Not hex at the picker's assumed 4 characters per token: prose of common words packs more
+    characters into a token than uniform's rare words, and neither is 4."""
+    prose = "".join(s.system or "" for s in take(SharedPrefix(groups=3, prefix_tokens=2000), 3))
+    rare = "".join(s.prompts[0] for s in take(Uniform(input_tokens=2000, range_ratio=1.0), 3))
+    ratios = [len(text) / tokens(text) for text in (prose, rare)]
+    assert ratios[0] > 4.2 and ratios[1] < 3.7, ratios
+    assert all(word.strip(".").isalpha() for word in prose.split())

@@ -285,14 +285,14 @@ def _assert_selects(servers: Path, selector: dict[str, str], target_ports: list[
 
 
 def test_simulated_servers_run_the_repository_simulator():
-    from loadtest.sim.cli import parse_args
+    from vllm_sim.cli import parse_args
 
     (sim,) = pod(one(render(GATEWAY / "vllm-sim"), "Deployment"))["containers"]
-    assert sim["command"] == ["python", "-m", "loadtest.sim"]
+    assert sim["command"] == ["python", "-m", "vllm_sim"]
     options = parse_args(sim["args"])
     assert (options.host, options.port) == ("0.0.0.0", ports(sim)["http"])
     images = {c["image"] for c in pod(one(render(GKE), "Deployment", "picker"))["containers"]}
-    assert sim["image"] in images  # the picker image carries the simulator
+    assert sim["image"] not in images  # its own image (the Dockerfile's vllm-sim target)
 
 
 # -- GKE objects ------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.sim.engine import SimRequest
-from loadtest.sim.profiles import Profile, StepCost
-from loadtest.sim.server import Replica, SimConfig, run_replicas
+from vllm_sim.engine import SimRequest
+from vllm_sim.profiles import Profile, StepCost
+from vllm_sim.server import Replica, SimConfig, run_replicas
 
 MODEL = "sim-model"
 FAST = Profile(

@@ -14,11 +14,19 @@ import httpx
 import openai
 import pytest
 
-from loadtest.sim.engine import Status
-from loadtest.sim.profiles import PROFILES
-from loadtest.sim.server import REPLICA_HEADER, Replica, SimConfig, run_replicas
 from picker.datalayer.metrics import parse_metrics
-from tests.sim.conftest import FAST, MODEL, client_for, scrape, spy_on_submissions, value
+from tests.sim.conftest import (
+    FAST,
+    MODEL,
+    client_for,
+    scrape,
+    spy_on_submissions,
+    value,
+)
+from tests.support.tokens import count_tokens, llama3_chat
+from vllm_sim.engine import Status
+from vllm_sim.profiles import PROFILES
+from vllm_sim.server import REPLICA_HEADER, Replica, SimConfig, run_replicas
 
 
 @pytest.fixture
@@ -41,19 +49,21 @@ async def test_streaming_chat_through_the_openai_sdk(replica: Replica, sdk: open
     chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert len(text) == 12 * 4
+    assert count_tokens(text, special=False) == 12
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 12
-    assert chunks[-1].usage.prompt_tokens == len("user\nhello\nassistant\n") // 4 + 1
+    assert chunks[-1].usage.prompt_tokens == count_tokens(llama3_chat(("user", "hello")), special=False)
 
 
 async def test_completion_without_streaming(replica: Replica, sdk: openai.AsyncOpenAI) -> None:
-    result = await sdk.completions.create(model=MODEL, prompt="abcd" * 50, max_tokens=5)
+    prompt = "the state of the world is good and we know it " * 5
+    result = await sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=5)
     assert result.object == "text_completion" and result.model == MODEL
-    assert len(result.choices[0].text) == 20 and result.choices[0].finish_reason == "length"
-    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (50, 5)
+    assert count_tokens(result.choices[0].text, special=False) == 5
+    assert result.choices[0].finish_reason == "length"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (count_tokens(prompt), 5)
 
 
 async def test_chat_without_max_tokens_stops_at_the_default(http: httpx.AsyncClient) -> None:
@@ -130,29 +140,23 @@ async def test_metrics_follow_a_request_in_flight(replica: Replica, http: httpx.
     assert value(idle, "vllm:num_requests_running") == 0
     assert value(idle, "vllm:kv_cache_usage_perc") == 0
     assert value(idle, "vllm:request_success_total", finished_reason="abort") == 1
-    info = value(
-        idle,
-        "vllm:cache_config_info",
-        block_size="16",
-        cache_dtype="auto",
-        enable_prefix_caching="True",
-        gpu_memory_utilization="0.9",
-        num_cpu_blocks="0",
-        num_gpu_blocks="512",
-    )
-    assert info == 1
+    (info,) = [dict(labels) for name, labels in idle if name == "vllm:cache_config_info"]
+    assert info["engine"] == "0" and "model_name" not in info  # as vLLM labels it
+    assert (info["block_size"], info["num_gpu_blocks"]) == ("16", "512")
+    assert info["enable_prefix_caching"] == "True"
 
 
 async def test_latency_histograms_and_counters(http: httpx.AsyncClient) -> None:
+    prompt = "q" * 40
     for _ in range(3):
-        await http.post("/v1/completions", json={"prompt": "q" * 40, "max_tokens": 4})
+        await http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4})
     samples = await scrape(http)
     assert value(samples, "vllm:time_to_first_token_seconds_count") == 3
     assert value(samples, "vllm:inter_token_latency_seconds_count") == 9
     assert value(samples, "vllm:e2e_request_latency_seconds_count") == 3
     assert value(samples, "vllm:request_queue_time_seconds_count") == 3
     assert value(samples, "vllm:generation_tokens_total") == 12
-    assert value(samples, "vllm:prompt_tokens_total") == 30
+    assert value(samples, "vllm:prompt_tokens_total") == 3 * count_tokens(prompt)
     assert value(samples, "vllm:request_success_total", finished_reason="length") == 3
 
 

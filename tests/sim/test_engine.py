@@ -2,11 +2,15 @@
 
 import asyncio
 import dataclasses
+from typing import Any
 
 import pytest
 
-from loadtest.sim.engine import Engine, SimRequest, Status
-from loadtest.sim.profiles import PROFILES, Profile, StepCost
+from vllm_sim.engine import Engine, SimRequest, Status
+from vllm_sim.profiles import PROFILES, Profile, StepCost
+from vllm_sim.tokenizer import load
+
+TOKENIZER = load()
 
 H100 = PROFILES["h100-8b"]
 TINY = Profile(
@@ -20,8 +24,13 @@ TINY = Profile(
 )
 
 
-def prompt_of(tokens: int, fill: str = "a") -> str:
-    return fill * (4 * tokens)
+def prompt_of(tokens: int, fill: str = "a") -> list[int]:
+    """`tokens` token ids, all the same (one per fill letter)."""
+    return [ord(fill)] * tokens
+
+
+def submit(engine: Engine, *args: Any, seed: int | None = None, **kwargs: Any) -> SimRequest:
+    return engine.submit(*args, output=TOKENIZER.sampler(seed), **kwargs)
 
 
 def run_until_idle(engine: Engine, now: float = 0.0, max_steps: int = 10_000) -> float:
@@ -43,7 +52,7 @@ def step(engine: Engine, now: float = 0.0) -> float:
 
 def test_prefill_step_follows_the_step_time_model() -> None:
     engine = Engine(H100)
-    request = engine.submit("r", prompt_of(1000), max_tokens=3, now=0.0)
+    request = submit(engine, "r", prompt_of(1000), max_tokens=3, now=0.0)
     plan = engine.schedule(0.0)
     assert plan is not None
     assert (plan.prefill_tokens, plan.decode_seqs) == (1000, 0)
@@ -60,7 +69,7 @@ def test_speed_divides_step_time() -> None:
     plans = []
     for scale in (1.0, 10.0):
         engine = Engine(H100, speed=scale)
-        engine.submit("r", prompt_of(100), 1, 0.0)
+        submit(engine, "r", prompt_of(100), 1, 0.0)
         plans.append(engine.schedule(0.0))
     assert plans[1].duration == pytest.approx(plans[0].duration * 0.1)
 
@@ -68,7 +77,7 @@ def test_speed_divides_step_time() -> None:
 def test_long_prompts_prefill_in_chunks_within_the_token_budget() -> None:
     profile = dataclasses.replace(TINY, num_gpu_blocks=64, max_num_batched_tokens=64, max_model_len=512)
     engine = Engine(profile)
-    long = engine.submit("long", prompt_of(200), max_tokens=2, now=0.0)
+    long = submit(engine, "long", prompt_of(200), max_tokens=2, now=0.0)
     chunks = []
     while not long.generated:
         plan = engine.schedule(0.0)
@@ -77,7 +86,7 @@ def test_long_prompts_prefill_in_chunks_within_the_token_budget() -> None:
         engine.complete(plan, 0.0)
     assert chunks == [64, 64, 64, 8]
     # A decode and a new prompt share the next step's budget: 1 + 63.
-    short = engine.submit("short", prompt_of(100, "b"), max_tokens=1, now=0.0)
+    short = submit(engine, "short", prompt_of(100, "b"), max_tokens=1, now=0.0)
     plan = engine.schedule(0.0)
     assert plan is not None
     assert [(r, n) for r, n in plan.scheduled] == [(long, 1), (short, 63)]
@@ -85,9 +94,9 @@ def test_long_prompts_prefill_in_chunks_within_the_token_budget() -> None:
 
 def test_repeated_prompt_hits_the_cache_and_skips_its_prefill() -> None:
     engine = Engine(H100)
-    first = engine.submit("a", prompt_of(1000), max_tokens=1, now=0.0)
+    first = submit(engine, "a", prompt_of(1000), max_tokens=1, now=0.0)
     run_until_idle(engine)
-    second = engine.submit("b", prompt_of(1000), max_tokens=1, now=0.0)
+    second = submit(engine, "b", prompt_of(1000), max_tokens=1, now=0.0)
     plan = engine.schedule(0.0)
     assert plan is not None
     assert first.cached_tokens == 0
@@ -98,25 +107,25 @@ def test_repeated_prompt_hits_the_cache_and_skips_its_prefill() -> None:
 
 def test_a_full_block_hit_still_recomputes_the_last_token() -> None:
     engine = Engine(H100)
-    engine.submit("a", prompt_of(1024), max_tokens=1, now=0.0)
+    submit(engine, "a", prompt_of(1024), max_tokens=1, now=0.0)
     run_until_idle(engine)
-    again = engine.submit("b", prompt_of(1024), max_tokens=1, now=0.0)
+    again = submit(engine, "b", prompt_of(1024), max_tokens=1, now=0.0)
     plan = engine.schedule(0.0)
     assert plan is not None and again.cached_tokens == 1008 and plan.prefill_tokens == 16
 
 
 def test_different_prompts_do_not_hit() -> None:
     engine = Engine(H100)
-    engine.submit("a", prompt_of(100, "a"), max_tokens=1, now=0.0)
+    submit(engine, "a", prompt_of(100, "a"), max_tokens=1, now=0.0)
     run_until_idle(engine)
-    other = engine.submit("b", prompt_of(100, "b"), max_tokens=1, now=0.0)
+    other = submit(engine, "b", prompt_of(100, "b"), max_tokens=1, now=0.0)
     run_until_idle(engine)
     assert other.cached_tokens == 0
 
 
 def test_max_num_seqs_keeps_extra_requests_waiting() -> None:
     engine = Engine(dataclasses.replace(TINY, max_num_seqs=2))
-    requests = [engine.submit(str(i), prompt_of(4), max_tokens=3, now=0.0) for i in range(3)]
+    requests = [submit(engine, str(i), prompt_of(4), max_tokens=3, now=0.0) for i in range(3)]
     step(engine)
     assert engine.running == requests[:2] and list(engine.waiting) == requests[2:]
     run_until_idle(engine)
@@ -127,8 +136,8 @@ def test_max_num_seqs_keeps_extra_requests_waiting() -> None:
 def test_kv_pressure_preempts_the_newest_request_which_later_resumes() -> None:
     # 8 blocks of 16 tokens; each request grows to 48 + 60 tokens = 7 blocks.
     engine = Engine(TINY)
-    old = engine.submit("old", prompt_of(48, "o"), max_tokens=60, now=0.0)
-    new = engine.submit("new", prompt_of(48, "n"), max_tokens=60, now=0.0)
+    old = submit(engine, "old", prompt_of(48, "o"), max_tokens=60, now=0.0)
+    new = submit(engine, "new", prompt_of(48, "n"), max_tokens=60, now=0.0)
     now = 0.0
     while engine.counters.preemptions == 0:
         now = step(engine, now)
@@ -144,7 +153,7 @@ def test_kv_pressure_preempts_the_newest_request_which_later_resumes() -> None:
 
 def test_abort_frees_blocks_and_a_step_in_flight_ignores_the_request() -> None:
     engine = Engine(TINY)
-    request = engine.submit("r", prompt_of(40), max_tokens=10, now=0.0)
+    request = submit(engine, "r", prompt_of(40), max_tokens=10, now=0.0)
     plan = engine.schedule(0.0)
     assert plan is not None and engine.kv.usage > 0
     engine.abort(request, now=0.001)
@@ -158,16 +167,16 @@ def test_abort_frees_blocks_and_a_step_in_flight_ignores_the_request() -> None:
 
 def test_abort_of_a_waiting_request_removes_it_from_the_queue() -> None:
     engine = Engine(TINY)
-    request = engine.submit("r", prompt_of(4), max_tokens=1, now=0.0)
+    request = submit(engine, "r", prompt_of(4), max_tokens=1, now=0.0)
     engine.abort(request, now=0.0)
     assert list(engine.waiting) == [] and request.status is Status.ABORTED
 
 
 def test_max_loras_defers_other_adapters_but_not_the_base_model() -> None:
     engine = Engine(TINY, max_loras=1)
-    a = engine.submit("a", prompt_of(4), max_tokens=2, now=0.0, lora="a")
-    b = engine.submit("b", prompt_of(4), max_tokens=2, now=0.0, lora="b")
-    base = engine.submit("base", prompt_of(4), max_tokens=2, now=0.0)
+    a = submit(engine, "a", prompt_of(4), max_tokens=2, now=0.0, lora="a")
+    b = submit(engine, "b", prompt_of(4), max_tokens=2, now=0.0, lora="b")
+    base = submit(engine, "base", prompt_of(4), max_tokens=2, now=0.0)
     step(engine)
     assert engine.running == [a, base] and list(engine.waiting) == [b]
     assert (engine.running_loras, engine.waiting_loras) == ({"a"}, {"b"})
@@ -177,15 +186,15 @@ def test_max_loras_defers_other_adapters_but_not_the_base_model() -> None:
 
 def test_stop_at_max_reports_an_eos_finish() -> None:
     engine = Engine(TINY)
-    request = engine.submit("r", prompt_of(4), max_tokens=2, now=0.0, stop_at_max=True)
+    request = submit(engine, "r", prompt_of(4), max_tokens=2, now=0.0, stop_at_max=True)
     run_until_idle(engine)
     assert request.finish_reason == "stop" and engine.counters.finished["stop"] == 1
 
 
 def test_counters_track_prompt_and_generated_tokens() -> None:
     engine = Engine(TINY)
-    engine.submit("r", prompt_of(10), max_tokens=5, now=0.0)
-    engine.submit("s", prompt_of(6), max_tokens=2, now=0.0)
+    submit(engine, "r", prompt_of(10), max_tokens=5, now=0.0)
+    submit(engine, "s", prompt_of(6), max_tokens=2, now=0.0)
     run_until_idle(engine)
     assert (engine.counters.prompt_tokens, engine.counters.generation_tokens) == (16, 7)
 
@@ -194,11 +203,11 @@ def test_same_seed_generates_the_same_text() -> None:
     engine = Engine(TINY)
     texts = []
     for seed in (1, 1, 2):
-        request = engine.submit("r", prompt_of(4), max_tokens=8, now=0.0, seed=seed)
+        request = submit(engine, "r", prompt_of(4), max_tokens=8, now=0.0, seed=seed)
         run_until_idle(engine)
         texts.append("".join(request.generated))
     assert texts[0] == texts[1] != texts[2]
-    assert all(len(text) == 32 for text in texts)
+    assert all(len(TOKENIZER.encode(text, add_special_tokens=False)) == 8 for text in texts)
 
 
 async def test_run_paces_steps_in_real_time() -> None:
@@ -206,7 +215,7 @@ async def test_run_paces_steps_in_real_time() -> None:
     task = asyncio.create_task(engine.run())
     try:
         loop = asyncio.get_running_loop()
-        request: SimRequest = engine.submit("r", prompt_of(4), max_tokens=10, now=loop.time())
+        request: SimRequest = submit(engine, "r", prompt_of(4), max_tokens=10, now=loop.time())
         await asyncio.wait_for(request.ended.wait(), 5)
         assert request.finished_at is not None
         elapsed = request.finished_at - request.arrival

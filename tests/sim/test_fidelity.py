@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
-from loadtest.sim.server import run_replicas
+from loadtest.text import sized_text
 from tests.sim.conftest import client_for, scrape, spy_on_submissions, timed_completion, value
+from vllm_sim.server import run_replicas
 
 SMALL_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def text(tokens: int, seed: int) -> str:
-    """Distinct text of `tokens` tokens per seed (every block differs between seeds)."""
-    return f"{seed:08d}" * (tokens // 2)
+    """Distinct text of `tokens` tokens (BOS included) per seed: no block is shared between seeds."""
+    return sized_text(random.Random(seed), tokens - 1)
 
 
 async def test_shared_prefix_cuts_ttft_and_counts_hits() -> None:

@@ -1,40 +1,39 @@
 """Block hashing and the prefix-cached block pool."""
 
-from loadtest.sim.kvcache import KVCache
-from loadtest.sim.tokens import VOCABULARY, TokenSequence, count_tokens
-
-BLOCK_CHARS = 16 * 4
-
-
-def test_token_count_rounds_up_and_is_never_zero() -> None:
-    assert count_tokens("") == 1
-    assert count_tokens("abcd") == 1
-    assert count_tokens("abcde") == 2
+from vllm_sim.kvcache import KVCache
+from vllm_sim.tokens import TokenSequence
 
 
 def test_hashes_match_until_the_first_differing_block() -> None:
-    shared = "s" * (3 * BLOCK_CHARS)
-    a = TokenSequence(shared + "a" * BLOCK_CHARS, 16)
-    b = TokenSequence(shared + "b" * BLOCK_CHARS, 16)
+    shared = list(range(3 * 16))
+    a = TokenSequence([*shared, *[1] * 16], 16)
+    b = TokenSequence([*shared, *[2] * 16], 16)
     assert a.hashes[:3] == b.hashes[:3]
     assert a.hashes[3] != b.hashes[3]
-    # A block's hash covers its whole prefix: the same text after a different head differs.
-    c = TokenSequence("x" * BLOCK_CHARS + shared, 16)
+    # A block's hash covers its whole prefix: the same tokens after a different head differ.
+    c = TokenSequence([7] * 16 + shared, 16)
     assert set(c.hashes[1:]).isdisjoint(a.hashes)
+    assert (a.parent_hash(0), a.parent_hash(2)) == (None, a.hashes[1])
+    assert a.block_tokens(3) == [1] * 16
 
 
 def test_lora_salt_separates_identical_prompts() -> None:
-    prompt = "p" * (2 * BLOCK_CHARS)
+    prompt = list(range(32))
     assert set(TokenSequence(prompt, 16, "adapter").hashes).isdisjoint(TokenSequence(prompt, 16).hashes)
 
 
-def test_generated_tokens_hash_like_the_same_text_sent_as_a_prompt() -> None:
-    prompt = "q" * 40  # 10 tokens: the first generated block mixes prompt and output
-    outputs = [VOCABULARY[i % len(VOCABULARY)] for i in range(30)]
+def test_only_full_blocks_are_hashed() -> None:
+    assert len(TokenSequence(list(range(47)), 16).hashes) == 2
+    assert len(TokenSequence(list(range(48)), 16).hashes) == 3
+
+
+def test_generated_tokens_hash_like_the_same_tokens_sent_as_a_prompt() -> None:
+    prompt = list(range(10))  # the first generated block mixes prompt and output
+    outputs = list(range(100, 130))
     seq = TokenSequence(prompt, 16)
     for token in outputs:
         seq.append(token)
-    replay = TokenSequence(prompt + "".join(outputs), 16)
+    replay = TokenSequence(prompt + outputs, 16)
     assert seq.num_tokens == replay.num_tokens == 40
     assert seq.hashes == replay.hashes and len(seq.hashes) == 2
 

@@ -1,4 +1,4 @@
-"""`python -m loadtest.sim` in a child process, through SimProcess."""
+"""`python -m vllm_sim` in a child process, through SimProcess."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import socket
 import httpx
 import pytest
 
-from loadtest.sim import REPLICA_HEADER, SimProcess
-from loadtest.sim.cli import parse_args, profiles_from_args
+from loadtest.processes import SimProcess
+from vllm_sim import REPLICA_HEADER
+from vllm_sim.cli import parse_args, profiles_from_args
 
 
 async def test_child_process_serves_each_replica_and_exits_cleanly_on_sigterm() -> None:

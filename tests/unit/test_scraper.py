@@ -1,4 +1,4 @@
-"""Scraper against in-process HTTP replicas on 127.0.0.1 that can fail on demand."""
+"""Scraper against fake vLLM replicas on 127.0.0.1 whose /metrics can fail on demand."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from aiohttp import web
 
 from picker.config import MetricsConfig
 from picker.datalayer.endpoint import Endpoint, Freshness
 from picker.datalayer.pool import EndpointPool
 from picker.datalayer.scraper import Scraper
 from picker.telemetry import REGISTRY
+from tests.support.fake_vllm import METRICS_FAULTS, FakeVLLM
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -40,69 +40,25 @@ def metrics_page(waiting: int, kv: float) -> bytes:
     ).encode()
 
 
-class Replica:
-    """A `/metrics` server on a free port; `mode` picks its next answers."""
+def misbehave(replica: FakeVLLM, mode: str) -> None:
+    """How the replica's next /metrics answers go: ok | 500 | garbage | hang | huge."""
+    replica.metrics_status = 500 if mode == "500" else 200
+    replica.metrics_fault = mode if mode in METRICS_FAULTS else None
 
-    def __init__(self, page: bytes) -> None:
-        self.page = page
-        self.mode = "ok"  # ok | 500 | garbage | hang | huge
-        self.hits = 0
-        self.connections: set[asyncio.BaseTransport] = set()  # every one the scraper opened
-        self.release = asyncio.Event()  # ends every hanging answer
-        self._hit = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.address = ""
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{sock.getsockname()[1]}"
-        await web.SockSite(self._runner, sock).start()
-
-    async def stop(self) -> None:
-        self.release.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def wait_hits(self, count: int) -> None:
-        async with self._hit:
-            await self._hit.wait_for(lambda: self.hits >= count)
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.hits += 1
-        if request.transport is not None:
-            self.connections.add(request.transport)
-        async with self._hit:
-            self._hit.notify_all()
-        if self.mode == "hang":
-            await self.release.wait()
-        if self.mode == "500":
-            return web.Response(status=500, text="engine dead")
-        if self.mode == "garbage":
-            return web.Response(text="<html><body>Welcome to nginx!</body></html>")
-        if self.mode == "huge":
-            return web.Response(body=self.page + b"# padding\n" * 10_000)
-        return web.Response(body=self.page, content_type="text/plain")
+StartReplicas = Callable[[int], Awaitable[list[FakeVLLM]]]
 
 
 @pytest.fixture
-async def replicas() -> AsyncIterator[Callable[[int], Awaitable[list[Replica]]]]:
-    started: list[Replica] = []
+def replicas(fake_vllm: Callable[..., Awaitable[list[FakeVLLM]]]) -> StartReplicas:
+    async def start(count: int) -> list[FakeVLLM]:
+        return [
+            replica
+            for i in range(count)
+            for replica in await fake_vllm(1, metrics_page=metrics_page(waiting=i + 1, kv=0.1 * (i + 1)))
+        ]
 
-    async def start(count: int) -> list[Replica]:
-        new = [Replica(metrics_page(waiting=i + 1, kv=0.1 * (i + 1))) for i in range(count)]
-        for replica in new:
-            await replica.start()
-        started.extend(new)
-        return new
-
-    yield start
-    for replica in started:
-        await replica.stop()
+    return start
 
 
 @pytest.fixture
@@ -142,7 +98,7 @@ def closed_port_address() -> str:
 
 
 async def test_success_records_metrics_and_gauges(
-    replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool, scraper: Scraper
+    replicas: StartReplicas, pool: EndpointPool, scraper: Scraper
 ) -> None:
     a, b = await replicas(2)
     pool.set_addresses([a.address, b.address])
@@ -164,7 +120,7 @@ async def test_success_records_metrics_and_gauges(
 
 @pytest.mark.parametrize(("mode", "kind"), [("500", "status"), ("garbage", "parse"), ("huge", "parse")])
 async def test_failure_marks_only_that_endpoint_unfresh_until_it_recovers(
-    replicas: Callable[[int], Awaitable[list[Replica]]],
+    replicas: StartReplicas,
     pool: EndpointPool,
     scraper: Scraper,
     mode: str,
@@ -179,7 +135,7 @@ async def test_failure_marks_only_that_endpoint_unfresh_until_it_recovers(
     seen: list[str] = []
     scraper.on_scraped(lambda endpoint: seen.append(endpoint.address))
 
-    bad.mode = mode
+    misbehave(bad, mode)
     await scraper.scrape_once()
     assert ep_bad.consecutive_failures == 1 and not fresh(ep_bad)
     assert ep_bad.metrics is kept  # last good numbers stay, but no longer count
@@ -190,16 +146,16 @@ async def test_failure_marks_only_that_endpoint_unfresh_until_it_recovers(
     await scraper.scrape_once()
     assert ep_bad.consecutive_failures == 2 and errors(bad.address, kind) == 2.0
 
-    bad.mode = "ok"
+    misbehave(bad, "ok")
     await scraper.scrape_once()
     assert fresh(ep_bad) and ep_bad.consecutive_failures == 0 and routable(bad.address) == 1.0
 
 
 async def test_timeout_and_refused_connection_are_failures(
-    replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool
+    replicas: StartReplicas, pool: EndpointPool
 ) -> None:
     (hung,) = await replicas(1)
-    hung.mode = "hang"
+    misbehave(hung, "hang")
     refused = closed_port_address()
     pool.set_addresses([hung.address, refused])
     scraper = Scraper(pool, MetricsConfig(timeout=0.2))
@@ -212,7 +168,7 @@ async def test_timeout_and_refused_connection_are_failures(
             assert age(address) == math.inf  # never scraped successfully
 
         # The endpoint's one connection slot was freed by the abandoned request.
-        hung.mode = "ok"
+        misbehave(hung, "ok")
         await scraper.scrape_once()
         recovered = pool.get(hung.address)
         assert recovered is not None and fresh(recovered)
@@ -221,10 +177,10 @@ async def test_timeout_and_refused_connection_are_failures(
 
 
 async def test_hanging_endpoint_does_not_starve_the_others(
-    replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool
+    replicas: StartReplicas, pool: EndpointPool
 ) -> None:
     hung, *healthy = await replicas(3)
-    hung.mode = "hang"
+    misbehave(hung, "hang")
     pool.set_addresses([hung.address] + [r.address for r in healthy])
     # The hanging scrape outlives the test; a round-based scraper would never start round 2.
     scraper = Scraper(pool, MetricsConfig(scrape_interval=0.02, timeout=60.0))
@@ -241,7 +197,7 @@ async def test_hanging_endpoint_does_not_starve_the_others(
     try:
         async with asyncio.timeout(5):  # 10 intervals are 0.2 s; generous for a busy machine
             await enough.wait()
-        assert hung.hits == 1  # no pile-up: the stuck scrape is not restarted every tick
+        assert hung.scrapes == 1  # no pile-up: the stuck scrape is not restarted every tick
         stuck = pool.get(hung.address)
         assert stuck is not None and stuck.metrics is None and not fresh(stuck)
         assert all(fresh(endpoint) for endpoint in pool.endpoints if endpoint is not stuck)
@@ -253,10 +209,10 @@ async def test_hanging_endpoint_does_not_starve_the_others(
 
 
 async def test_first_round_waits_for_a_synced_pool_and_every_endpoint(
-    replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool, scraper: Scraper
+    replicas: StartReplicas, pool: EndpointPool, scraper: Scraper
 ) -> None:
     ok, down = await replicas(2)
-    down.mode = "500"
+    misbehave(down, "500")
     await scraper.scrape_once()  # discovery has not spoken yet
     pool.set_addresses([])
     await scraper.scrape_once()  # synced, but nothing to route to
@@ -277,14 +233,14 @@ async def test_first_round_waits_for_a_synced_pool_and_every_endpoint(
 
 
 async def test_removed_endpoint_loses_its_series_connection_and_scrape(
-    replicas: Callable[[int], Awaitable[list[Replica]]], pool: EndpointPool, scraper: Scraper
+    replicas: StartReplicas, pool: EndpointPool, scraper: Scraper
 ) -> None:
     kept, failing, healthy, hung = await replicas(4)
-    failing.mode = "500"
+    misbehave(failing, "500")
     pool.set_addresses([kept.address, failing.address, healthy.address])
     await scraper.scrape_once()
     assert routable(failing.address) == 0.0 and errors(failing.address, "status") == 1.0
-    assert routable(healthy.address) == 1.0 and healthy.connections
+    assert routable(healthy.address) == 1.0 and healthy.scrape_connections
 
     pool.set_addresses([kept.address, hung.address])
     for gone in (failing.address, healthy.address):
@@ -294,13 +250,13 @@ async def test_removed_endpoint_loses_its_series_connection_and_scrape(
     # The kept-alive connection to the departed healthy endpoint is closed too. aiohttp signals
     # no event for that: poll, bounded.
     async with asyncio.timeout(2):
-        while not all(conn.is_closing() for conn in healthy.connections):  # noqa: ASYNC110
+        while not all(conn.is_closing() for conn in healthy.scrape_connections):  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-    assert not any(conn.is_closing() for conn in kept.connections)
+    assert not any(conn.is_closing() for conn in kept.scrape_connections)
 
-    hung.mode = "hang"
+    misbehave(hung, "hang")
     scraping = asyncio.create_task(scraper.scrape_once())
-    await hung.wait_hits(1)
+    await hung.wait_scrapes(1)
     pool.set_addresses([kept.address])
     async with asyncio.timeout(2):  # the hanging scrape is cancelled, not left to time out
         await scraping

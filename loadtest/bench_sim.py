@@ -1,10 +1,13 @@
 """How many streamed tokens per second one simulator process delivers, and at what CPU cost.
 
-`python -m loadtest.sim.bench [--replicas 8] [--streams 64] [--duration 10] [--out FILE]` starts
+`python -m loadtest sim-bench [--replicas 8] [--streams 64] [--duration 10] [--out FILE]` starts
 the simulator as a child process pinned to one core (the client runs on the others), keeps
 `--streams` streaming completions open across the replicas for `--duration` seconds and prints
 JSON: tokens and SSE events per second received by the clients, and the simulator's CPU use.
-`tokens_per_sim_cpu_second` is the throughput one fully used core would carry.
+`tokens_per_sim_cpu_second` is the throughput one fully used core would carry; tokens are
+counted as words received, since the simulator samples whole-word tokens. Then, with the load
+gone, it scrapes one replica's `/metrics` `--scrapes` times: the page's size and the simulator's
+CPU per scrape (rendering plus HTTP), what a picker's scrape interval costs each replica.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +25,8 @@ import aiohttp
 import orjson
 import psutil
 
-from loadtest.sim.launcher import SimProcess
-from picker.request import CHARS_PER_TOKEN
+from loadtest.processes import SimProcess
+from loadtest.text import sized_text
 
 
 @dataclass(slots=True)
@@ -49,6 +53,9 @@ class BenchResult:
     tokens_per_sim_cpu_second: float
     client_cpu_util: float
     sim_pinned_to_one_core: bool
+    sim_cpu_ms_per_1000_tokens: float
+    metrics_page_bytes: int
+    metrics_scrape_sim_cpu_ms: float
 
 
 async def _stream_forever(session: aiohttp.ClientSession, url: str, body: bytes, tally: Tally) -> None:
@@ -62,7 +69,7 @@ async def _stream_forever(session: aiohttp.ClientSession, url: str, body: bytes,
                 choices = orjson.loads(line[6:])["choices"]
                 tally.events += 1
                 if choices:
-                    tally.tokens += len(choices[0]["text"]) // CHARS_PER_TOKEN
+                    tally.tokens += len(choices[0]["text"].split())
         if tally.counting:
             tally.requests += 1
 
@@ -82,7 +89,7 @@ async def run(args: argparse.Namespace) -> BenchResult:
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         pinned = len(cpus) > 1 and _pin(sim.pid, {cpus[0]}) and _pin(0, set(cpus[1:]))
         sim_process = psutil.Process(sim.pid)
-        prompt = "benchmark prompt " * (args.prompt_tokens * CHARS_PER_TOKEN // 17)
+        prompt = sized_text(random.Random(0), args.prompt_tokens)
         body = orjson.dumps({"prompt": prompt, "max_tokens": args.max_tokens, "stream": True})
         tally = Tally()
         connector = aiohttp.TCPConnector(limit=0)
@@ -112,6 +119,7 @@ async def run(args: argparse.Namespace) -> BenchResult:
                 for worker in workers:
                     with contextlib.suppress(asyncio.CancelledError):
                         await worker
+            page_bytes, scrape_cpu = await _scrape_cost(session, sim.addresses[0], sim_process, args.scrapes)
     return BenchResult(
         replicas=args.replicas,
         streams=args.streams,
@@ -127,11 +135,24 @@ async def run(args: argparse.Namespace) -> BenchResult:
         tokens_per_sim_cpu_second=round(tally.tokens / sim_cpu, 1) if sim_cpu else 0.0,
         client_cpu_util=round(client_cpu / elapsed, 3),
         sim_pinned_to_one_core=pinned,
+        sim_cpu_ms_per_1000_tokens=round(1e6 * sim_cpu / tally.tokens, 2) if tally.tokens else 0.0,
+        metrics_page_bytes=page_bytes,
+        metrics_scrape_sim_cpu_ms=round(1000 * scrape_cpu, 3),
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.sim.bench", description=__doc__)
+async def _scrape_cost(
+    session: aiohttp.ClientSession, address: str, sim_process: psutil.Process, scrapes: int
+) -> tuple[int, float]:
+    """The size of one replica's /metrics page and the simulator's CPU seconds per scrape."""
+    before = sum(sim_process.cpu_times()[:2])
+    for _ in range(scrapes):
+        async with session.get(f"http://{address}/metrics") as response:
+            page = await response.read()
+    return len(page), (sum(sim_process.cpu_times()[:2]) - before) / scrapes
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams in all")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
@@ -140,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", type=float, default=1.0)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--scrapes", type=int, default=200, help="/metrics scrapes timed at the end")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
     result = orjson.dumps(asdict(asyncio.run(run(args))), option=orjson.OPT_INDENT_2)
     print(result.decode())
     if args.out:
@@ -149,6 +173,3 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_bytes(result + b"\n")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

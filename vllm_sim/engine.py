@@ -1,7 +1,8 @@
 """The engine of one simulated replica: vLLM V1's scheduler on a calibrated step clock.
 
 The model, piece by piece:
-- Tokens: 4 characters each (`tokens.py`), so equal text gives equal tokens and block hashes.
+- Tokens: the ids the API layer's tokenizer made of the prompt (`tokenizer.py`), hashed per
+  block as vLLM's prefix cache does (`tokens.py`); generated tokens are sampled ids.
 - KV cache (`kvcache.py`): `num_gpu_blocks` blocks of `block_size` tokens; automatic prefix
   caching over chained block hashes; blocks of finished or preempted requests stay cached until
   new demand evicts them, least recently freed first and a request's tail before its head. A
@@ -28,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from loadtest.sim.kvcache import Block, KVCache
-from loadtest.sim.profiles import Profile
-from loadtest.sim.tokens import OutputText, TokenSequence
+from vllm_sim.kvcache import Block, KVCache
+from vllm_sim.profiles import Profile
+from vllm_sim.tokenizer import OutputSampler
+from vllm_sim.tokens import TokenSequence
 
 MAX_LAG = 0.1  # seconds the engine may fall behind its timeline and still catch up
 
@@ -53,16 +56,18 @@ class SimRequest:
     tokens: TokenSequence
     max_tokens: int
     arrival: float
-    output: OutputText
+    output: OutputSampler
     lora: str | None = None
     stop_at_max: bool = False  # finish as if the model emitted EOS ("stop") instead of "length"
+    max_tokens_param: int | None = None  # the client's max_tokens, if it gave one (for metrics)
     num_prompt_tokens: int = 0
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV is in `blocks`
     blocks: list[Block] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks already published to the prefix cache
     cached_tokens: int | None = None  # prefix-cache hit of the first admission
-    generated: list[str] = field(default_factory=list)
+    recomputed_tokens: int = 0  # cached, but recomputed because a hit never covers the last token
+    generated: list[str] = field(default_factory=list)  # the text of each sampled token
     scheduled_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -94,6 +99,8 @@ class EngineCounters:
     """The monotonic counters vLLM exports (prompt / generation tokens, cache queries, ...)."""
 
     prompt_tokens: int = 0
+    prompt_tokens_cached: int = 0  # of which found in the prefix cache
+    prompt_tokens_recomputed: int = 0  # cached, but computed again (a hit never covers the last)
     generation_tokens: int = 0
     preemptions: int = 0
     prefix_queries: int = 0  # tokens looked up in the prefix cache
@@ -102,7 +109,11 @@ class EngineCounters:
 
 
 class EngineObserver(Protocol):
-    """Receives per-token and per-request timings (the replica's latency histograms)."""
+    """Receives per-step, per-token and per-request numbers (the replica's histograms)."""
+
+    def on_step(self, tokens: int) -> None:
+        """A step ended: prompt tokens of requests whose prefill completed, plus tokens sampled."""
+        ...
 
     def on_token(self, request: SimRequest, gap: float | None) -> None:
         """A token was generated; `gap` is the time since the previous one (None for the first)."""
@@ -134,22 +145,24 @@ class Engine:
     def submit(
         self,
         request_id: str,
-        prompt: str,
+        prompt: Sequence[int],
         max_tokens: int,
         now: float,
         *,
+        output: OutputSampler,
         lora: str | None = None,
-        seed: int | None = None,
         stop_at_max: bool = False,
+        max_tokens_param: int | None = None,
     ) -> SimRequest:
         request = SimRequest(
             request_id,
             TokenSequence(prompt, self.profile.block_size, salt=lora or ""),
             max_tokens,
             now,
-            OutputText(seed),
+            output,
             lora=lora,
             stop_at_max=stop_at_max,
+            max_tokens_param=max_tokens_param,
         )
         self.waiting.append(request)
         self._work.set()
@@ -214,7 +227,10 @@ class Engine:
                 continue
             num_tokens = request.tokens.num_tokens
             # The last token is always recomputed, so a full hit still leaves one block to fill.
-            hits = self.kv.longest_hit(request.tokens.hashes, (num_tokens - 1) // block_size)
+            allowed = (num_tokens - 1) // block_size
+            hits = self.kv.longest_hit(request.tokens.hashes, allowed + 1)
+            recomputed = len(hits) > allowed
+            hits = hits[:allowed]
             hit_tokens = len(hits) * block_size
             count = min(num_tokens - hit_tokens, budget)
             new_blocks = -(-(hit_tokens + count) // block_size) - len(hits)
@@ -228,6 +244,7 @@ class Engine:
             if request.scheduled_at is None:
                 request.scheduled_at = now
                 request.cached_tokens = hit_tokens
+                request.recomputed_tokens = block_size if recomputed else 0
             self.counters.prefix_queries += num_tokens
             self.counters.prefix_hits += hit_tokens
             request.status = Status.RUNNING
@@ -252,23 +269,29 @@ class Engine:
 
     def complete(self, plan: StepPlan, now: float) -> None:
         """Apply a finished step: advance computed tokens, publish full blocks, sample tokens."""
+        tokens = 0
         for request, count in plan.scheduled:
             if request.status is not Status.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed += count
             self._publish_blocks(request)
             if request.num_computed == request.tokens.num_tokens:
+                tokens += 1 if request.generated else 1 + request.num_prompt_tokens
                 self._sample(request, now)
+        if self.observer:
+            self.observer.on_step(tokens)
 
     def _sample(self, request: SimRequest, now: float) -> None:
-        token = request.output.next_token()
-        request.tokens.append(token)
-        request.generated.append(token)
+        token_id, text = request.output.next_token()
+        request.tokens.append(token_id)
+        request.generated.append(text)
         self.counters.generation_tokens += 1
         gap = None
         if request.first_token_at is None:
             request.first_token_at = now
             self.counters.prompt_tokens += request.num_prompt_tokens
+            self.counters.prompt_tokens_cached += request.cached_tokens or 0
+            self.counters.prompt_tokens_recomputed += request.recomputed_tokens
         else:
             gap = now - (request.last_token_at or now)
         request.last_token_at = now

@@ -1,4 +1,5 @@
-"""A simulated vLLM replica over HTTP: the OpenAI API, `/metrics`, `/health` and `/v1/models`.
+"""A simulated vLLM replica over HTTP: the OpenAI API, `/tokenize` and `/detokenize`, `/metrics`,
+`/health` and `/v1/models`.
 
 Streams behave like vLLM's: one SSE event per token while the client keeps up, several tokens
 merged into one event when it lags, and a client that disconnects aborts its request (its KV
@@ -13,17 +14,26 @@ import dataclasses
 import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 import orjson
 from aiohttp import web
 
-from loadtest.sim.engine import Engine, SimRequest, Status
-from loadtest.sim.metrics import ReplicaMetrics
-from loadtest.sim.openai_api import GenerationParams, ResponseWriter, parse_generation, usage
-from loadtest.sim.profiles import PROFILES, Profile, get_profile
-from loadtest.sim.tokens import count_tokens
-from picker.errors import Refusal, openai_error_body
+from vllm_sim.engine import Engine, SimRequest, Status
+from vllm_sim.metrics import ReplicaMetrics
+from vllm_sim.openai_api import (
+    BadRequest,
+    GenerationParams,
+    ResponseWriter,
+    error_body,
+    parse_detokenize,
+    parse_generation,
+    parse_tokenize,
+    usage,
+)
+from vllm_sim.profiles import PROFILES, Profile, get_profile
+from vllm_sim.tokenizer import DEFAULT_CHAT_TEMPLATE, DEFAULT_TOKENIZER, SimTokenizer, load
 
 REPLICA_HEADER = "x-sim-replica"  # names the replica that answered (for tests and demos)
 _MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -40,6 +50,8 @@ class SimConfig:
     max_loras: int = 1  # adapters that may share one batch
     prefix_caching: bool = True
     default_max_tokens: int = 256  # chat requests without max_tokens stop ("EOS") after this
+    tokenizer: Path = DEFAULT_TOKENIZER  # a Hugging Face tokenizer.json
+    chat_template: Path = DEFAULT_CHAT_TEMPLATE  # jinja2, as in a model's tokenizer_config.json
 
     @property
     def model_name(self) -> str:
@@ -51,6 +63,7 @@ class Replica:
 
     def __init__(self, config: SimConfig | None = None, name: str | None = None) -> None:
         self.config = config or SimConfig()
+        self.tokenizer: SimTokenizer = load(self.config.tokenizer, self.config.chat_template)
         self.engine = Engine(
             self.config.profile,
             speed=self.config.speed,
@@ -68,10 +81,12 @@ class Replica:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on host:port (0 picks a free port) and return the bound `ip:port`."""
-        app = web.Application(client_max_size=_MAX_BODY_BYTES)
+        app = web.Application(client_max_size=_MAX_BODY_BYTES, middlewares=[self.metrics.http.middleware])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.on_response_prepare.append(self._tag_response)
@@ -129,6 +144,31 @@ class Replica:
         ]
         return _json({"object": "list", "data": cards})
 
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: `{count, max_model_len, tokens, token_strs}`."""
+        try:
+            params = parse_tokenize(await request.read())
+            self._resolve_model(params.model)
+            ids = self.tokenizer.prompt_ids(**dataclasses.asdict(params.prompt))
+        except BadRequest as exc:
+            return _error(exc.status, str(exc))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        strs = [self.tokenizer.id_to_token(i) for i in ids] if params.return_token_strs else None
+        doc = {"count": len(ids), "max_model_len": self.config.profile.max_model_len, "tokens": ids}
+        return _json(doc | {"token_strs": strs})
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /detokenize: `{prompt}`."""
+        try:
+            model, ids = parse_detokenize(await request.read())
+            self._resolve_model(model)
+            if ids and max(ids) >= self.tokenizer.vocab_size:
+                raise BadRequest(f"token id {max(ids)} is out of vocabulary")
+        except BadRequest as exc:
+            return _error(exc.status, str(exc))
+        return _json({"prompt": self.tokenizer.decode(ids)})
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
 
@@ -139,19 +179,23 @@ class Replica:
         try:
             params = parse_generation(await request.read(), chat)
             model, lora = self._resolve_model(params.model)
-            max_tokens, stop_at_max = self._output_length(params)
-        except Refusal as exc:
+            prompt = self.tokenizer.prompt_ids(**dataclasses.asdict(params.prompt))
+            max_tokens, stop_at_max = self._output_length(params, len(prompt))
+        except BadRequest as exc:
             return _error(exc.status, str(exc))
+        except ValueError as exc:  # the tokenizer's or the chat template's
+            return _error(400, str(exc))
         loop = asyncio.get_running_loop()
         writer = ResponseWriter(model, chat)
         sim = self.engine.submit(
             request.headers.get("x-request-id", writer.id),
-            params.prompt,
+            prompt,
             max_tokens,
             loop.time(),
+            output=self.tokenizer.sampler(params.seed),
             lora=lora,
-            seed=params.seed,
             stop_at_max=stop_at_max,
+            max_tokens_param=params.max_tokens,
         )
         try:
             if params.stream:
@@ -195,22 +239,25 @@ class Replica:
             return self.config.model_name, None
         if requested in self.config.lora_adapters:
             return requested, requested
-        raise Refusal(404, f"The model `{requested}` does not exist.")
+        raise BadRequest(f"The model `{requested}` does not exist.", status=404)
 
-    def _output_length(self, params: GenerationParams) -> tuple[int, bool]:
-        """Tokens to generate, and whether the end counts as EOS ("stop") rather than "length"."""
+    def _output_length(self, params: GenerationParams, prompt_tokens: int) -> tuple[int, bool]:
+        """Tokens to generate, and whether the end counts as EOS ("stop") rather than "length".
+
+        The model "emits EOS" only when the client leaves it room to: no max_tokens (then after
+        `default_max_tokens`), or min_tokens below max_tokens (then at a seeded length in between);
+        `ignore_eos` runs every request to its limit, as benchmarks do."""
         max_model_len = self.config.profile.max_model_len
-        prompt_tokens = count_tokens(params.prompt)
         room = max_model_len - prompt_tokens
         if params.max_tokens is None:
             if room < 1:
-                raise Refusal(400, _too_long(max_model_len, prompt_tokens, 1))
-            limit, eos = min(self.config.default_max_tokens, room), True
+                raise BadRequest(_too_long(max_model_len, prompt_tokens, 1))
+            limit, eos = min(self.config.default_max_tokens, room), not params.ignore_eos
         elif params.max_tokens > room:
-            raise Refusal(400, _too_long(max_model_len, prompt_tokens, params.max_tokens))
+            raise BadRequest(_too_long(max_model_len, prompt_tokens, params.max_tokens))
         else:
             limit, eos = params.max_tokens, False
-        if params.min_tokens is not None and params.min_tokens < limit:
+        if params.min_tokens is not None and params.min_tokens < limit and not params.ignore_eos:
             length = random.Random(params.seed).randint(max(1, params.min_tokens), limit)
             return length, eos or length < limit
         return limit, eos
@@ -234,7 +281,7 @@ def _json(doc: object) -> web.Response:
 
 def _error(status: int, message: str) -> web.Response:
     return web.Response(
-        status=status, body=openai_error_body(status, message), content_type="application/json"
+        status=status, body=error_body(status, message), content_type="application/json"
     )
 
 

@@ -1,4 +1,4 @@
-"""`python -m loadtest.sim`: N simulated vLLM replicas on ports P..P+N-1 in one asyncio process.
+"""`python -m vllm_sim`: N simulated vLLM replicas on ports P..P+N-1 in one asyncio process.
 
 Prints `replica I ready on HOST:PORT profile=NAME` per replica once it listens (the launcher and
 scripts wait for these lines) and stops cleanly on SIGINT or SIGTERM.
@@ -9,16 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import signal
+from pathlib import Path
 
-from loadtest.sim.profiles import ALIASES, PROFILES, Profile, get_profile
-from loadtest.sim.server import SimConfig, run_replicas
+from vllm_sim.profiles import ALIASES, PROFILES, Profile, get_profile
+from vllm_sim.server import SimConfig, run_replicas
+from vllm_sim.tokenizer import DEFAULT_CHAT_TEMPLATE, DEFAULT_TOKENIZER
 
 READY_FORMAT = "replica {index} ready on {address} profile={profile}"
 
 
 def parse_args(argv: list[str] | tuple[str, ...] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.sim", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vllm_sim", description=__doc__)
     parser.add_argument("--replicas", type=int, help="default: 1, or one per --profiles entry")
     parser.add_argument("--port", type=int, default=8000, help="first port (0: a free port each)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -27,12 +30,26 @@ def parse_args(argv: list[str] | tuple[str, ...] | None = None) -> argparse.Name
     which.add_argument("--profile", choices=names, default="h100-8b")
     which.add_argument("--profiles", help="comma-separated, one per replica (e.g. fast,fast,slow)")
     parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
-    parser.add_argument("--model", help="served model name (default: the profile's)")
+    parser.add_argument(
+        "--model", "--served-model-name", dest="model", help="served model name (default: the profile's)"
+    )
     parser.add_argument("--lora", default="", help="comma-separated LoRA adapter names")
-    parser.add_argument("--max-loras", type=int, default=1)
+    parser.add_argument(
+        "--lora-modules", nargs="+", default=[], type=_lora_module, metavar="NAME=PATH",
+        help="vLLM's spelling: adapters as name=path or JSON {\"name\": ..., \"path\": ...}",
+    )  # fmt: skip
+    parser.add_argument("--max-loras", type=int, default=1, help="adapters that may share one batch")
+    parser.add_argument("--max-lora-rank", type=int, help="accepted for vLLM compatibility; ignored")
     parser.add_argument("--num-gpu-blocks", type=int, help="shrink or grow the KV cache")
     parser.add_argument("--max-num-seqs", type=int, help="override the batch size limit")
     parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument(
+        "--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
+        help="a Hugging Face tokenizer.json (default: the small BPE tokenizer the project ships)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--chat-template", type=Path, default=DEFAULT_CHAT_TEMPLATE, help="a jinja2 chat template file"
+    )
     parser.add_argument("--no-prefix-caching", action="store_true")
     args = parser.parse_args(argv)
     if args.profiles:
@@ -43,9 +60,30 @@ def parse_args(argv: list[str] | tuple[str, ...] | None = None) -> argparse.Name
     else:
         args.profiles = [args.profile] * (args.replicas or 1)
     args.replicas = args.replicas or len(args.profiles)
+    args.lora_adapters = tuple(dict.fromkeys([*filter(None, args.lora.split(",")), *args.lora_modules]))
+    for path in (args.tokenizer, args.chat_template):
+        if not path.is_file():
+            parser.error(f"no such file: {path}")
     if len(args.profiles) != args.replicas:
         parser.error(f"--profiles names {len(args.profiles)} profiles for {args.replicas} replicas")
     return args
+
+
+def _lora_module(text: str) -> str:
+    """The adapter name of one `--lora-modules` item (the simulator loads no weights)."""
+    if text.startswith("{"):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"invalid LoRA module JSON {text!r}: {exc}") from None
+        name = doc.get("name") if isinstance(doc, dict) else None
+    else:
+        name, sep, path = text.partition("=")
+        if not sep or not path:
+            raise argparse.ArgumentTypeError(f"expected name=path, got {text!r}")
+    if not isinstance(name, str) or not name:
+        raise argparse.ArgumentTypeError(f"LoRA module {text!r} has no name")
+    return name
 
 
 def profiles_from_args(args: argparse.Namespace) -> list[Profile]:
@@ -70,10 +108,12 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     config = SimConfig(
-        lora_adapters=tuple(name for name in args.lora.split(",") if name),
+        lora_adapters=args.lora_adapters,
         max_loras=args.max_loras,
         prefix_caching=not args.no_prefix_caching,
         default_max_tokens=args.default_max_tokens,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
     )
     async with run_replicas(
         args.replicas,

@@ -1,5 +1,0 @@
-import sys
-
-from loadtest.sim.cli import main
-
-sys.exit(main())
