@@ -45,11 +45,9 @@ METRICS_PAGE = (
 _TYPES = "type.googleapis.com/envoy.extensions.filters."
 
 
-def canned_replicas(ports: Sequence[int]) -> dict[str, Any]:
-    """An Envoy config answering like a vLLM replica on each port, from memory."""
-
-    def answer(body: str) -> dict[str, Any]:
-        return {"status": 200, "body": {"inline_string": body}}
+def canned_replicas(ports: Sequence[int], answer: bytes = ANSWER) -> dict[str, Any]:
+    """An Envoy config answering like a vLLM replica on each port, from memory, at once: headers
+    and the whole `answer` in one go. The request's `x-rid` header comes back as a response header."""
 
     def listener(port: int) -> dict[str, Any]:
         routes = [
@@ -59,7 +57,8 @@ def canned_replicas(ports: Sequence[int]) -> dict[str, Any]:
             },
             {
                 "match": {"prefix": "/"},
-                "direct_response": {"status": 200, "body": {"inline_string": ANSWER.decode()}},
+                "direct_response": {"status": 200, "body": {"inline_string": answer.decode()}},
+                "response_headers_to_add": [{"header": {"key": "x-rid", "value": "%REQ(x-rid)%"}}],
             },
         ]
         manager = {
@@ -92,10 +91,13 @@ def canned_replicas(ports: Sequence[int]) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def start_replicas(count: int, workdir: Path) -> AsyncIterator[tuple[list[str], int]]:
+async def start_replicas(
+    count: int, workdir: Path, answer: bytes = ANSWER
+) -> AsyncIterator[tuple[list[str], int]]:
     """Canned replicas on `count` free ports: yields (addresses, pid)."""
     ports = [free_port() for _ in range(count)]
-    argv = command(canned_replicas(ports), concurrency=1, admin_address_path=workdir / "replicas-admin")
+    config = canned_replicas(ports, answer)
+    argv = command(config, concurrency=1, admin_address_path=workdir / "replicas-admin")
     with (workdir / "replicas.log").open("ab") as log:
         process = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log)
     addresses = [f"127.0.0.1:{port}" for port in ports]
