@@ -156,12 +156,37 @@ def _concurrency_section(
                 cells = [format_ratio(ratio(m, r, modes[baseline])) for m in RATIOS]
                 lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _proxy_costs(modes)
     for kind in ("latency", "throughput"):
         if (key := f"{kind}-c{concurrency}") in images:
             lines += [f"![{kind} at concurrency {concurrency}]({images[key].name})", ""]
     for mode, r in modes.items():
         lines += _mode_details(mode, r)
     return lines
+
+
+def _proxy_costs(modes: dict[str, ModeResult]) -> list[str]:
+    """What the gateway and the picker spent per request and per 1,000 output tokens."""
+    costed = {mode: r.proxy_cost for mode, r in modes.items() if r.proxy_cost}
+    if not costed:
+        return []
+    lines = [
+        "Proxy cost (CPU ms of the process per completed request / per 1,000 output tokens; "
+        "ext_proc messages per request, Envoy to the picker / back):",
+        "",
+        "| mode | Envoy CPU ms | picker CPU ms | ext_proc messages |",
+        "| --- | --- | --- | --- |",
+    ]
+    for mode, cost in costed.items():
+        cells = [
+            "-" if (c := cost.get(f"{role} CPU ms")) is None
+            else f"{c['per request']:.2f} / {c['per 1k output tokens']:.2f}"
+            for role in ("envoy", "picker")
+        ]  # fmt: skip
+        msgs = cost.get("ext_proc messages")
+        cells.append("-" if msgs is None else f"{msgs['sent']:.1f} / {msgs['received']:.1f}")
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _spread(r: ModeResult) -> list[str]:

@@ -110,6 +110,7 @@ async def measure_mode(
             jobs = _jobs(plan, stack, concurrency, scratch)
             async with _clients(jobs, logs) as clients:
                 pids = stack.processes | {"runner": os.getpid()}
+                messages = await _extproc_messages(stack)
                 counters, cpu, host = await scrape_counters(stack.replicas), process_cpu(pids), HostCpu.now()
                 total = plan.duration or plan.requests_at(concurrency) or 0
                 task = progress.add_task(label, total=total)
@@ -117,6 +118,7 @@ async def measure_mode(
                 after = await scrape_counters(stack.replicas)
                 cpu = {role: seconds - cpu[role] for role, seconds in process_cpu(pids).items()}
                 host_busy = HostCpu.now().busy_share_since(host)
+                messages = {k: v - messages[k] for k, v in (await _extproc_messages(stack)).items()}
                 progress.update(task, completed=total)
         results = [await asyncio.to_thread(ClientResult.load, Path(job.result_path)) for job in jobs]
     finally:
@@ -128,7 +130,19 @@ async def measure_mode(
         replica_profiles={name: stack.profiles[address] for name, address in stack.names.items()},
         process_cpu=cpu,
         host_cpu_busy=host_busy,
+        extproc_messages=messages,
     )
+
+
+_EXTPROC = "http.inference.ext_proc."
+
+
+async def _extproc_messages(stack: Stack) -> dict[str, float]:
+    """Envoy's count of ext_proc messages so far, each way (none without a picker)."""
+    if stack.envoy is None or "picker" not in stack.processes:
+        return {}
+    stats = await stack.envoy.stats("ext_proc")
+    return {way: float(stats[_EXTPROC + f"stream_msgs_{way}"]) for way in ("sent", "received")}
 
 
 def _jobs(plan: RunPlan, stack: Stack, concurrency: int, scratch: Path) -> list[ClientJob]:

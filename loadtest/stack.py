@@ -81,6 +81,7 @@ class Stack:
     targets: list[str]  # base URLs the clients send to
     model: str
     processes: dict[str, int]  # role -> pid, for CPU accounting
+    envoy: Envoy | None = None  # the gateway of the modes that have one (its stats)
 
 
 @contextlib.asynccontextmanager
@@ -97,6 +98,7 @@ async def start_stack(
         replicas, processes = list(sim.addresses), {"simulator": sim.pid}
         model, names = await _identify(replicas)
         targets = [f"http://{address}" for address in replicas]
+        envoy = None
         if mode in ENVOY_CONFIGS:
             pickers = []
             if mode in PICKER_MODES:
@@ -110,7 +112,7 @@ async def start_stack(
             processes["envoy"] = envoy.pid
             targets = [envoy.url]
         profiles = dict(zip(sim.addresses, sim.profiles, strict=True))
-        yield Stack(mode, replicas, names, profiles, targets, model, processes)
+        yield Stack(mode, replicas, names, profiles, targets, model, processes, envoy)
 
 
 async def _identify(replicas: Sequence[str]) -> tuple[str, dict[str, str]]:

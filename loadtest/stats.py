@@ -41,6 +41,7 @@ class Measurement:
     replica_profiles: dict[str, str]
     process_cpu: dict[str, float]  # seconds over the window, per role (envoy, picker, ...)
     host_cpu_busy: float
+    extproc_messages: dict[str, float] = field(default_factory=dict)  # Envoy -> picker: sent, received
 
     @property
     def duration(self) -> float:
@@ -84,6 +85,9 @@ class ModeResult:
     replica_profiles: dict[str, str]  # replica name -> simulator profile
     cpu_seconds: dict[str, float]  # per process (clients, simulator, envoy, picker, runner)
     cpu_cores_used: float  # sum of cpu_seconds / duration: > cores available means CPU-bound
+    # What routing costs, per completed request and per 1,000 output tokens, for the gateway and
+    # the picker (CPU milliseconds), and the ext_proc messages Envoy sent the picker and got back.
+    proxy_cost: dict[str, dict[str, float]]
     host_cpu_busy: float  # share of all the machine's cores busy during the window (anyone's)
     clients: int = 1
     repeats: int = 1
@@ -114,6 +118,9 @@ def summarize(measurements: Sequence[Measurement]) -> ModeResult:
     completed = sum(c.completed for c in clients)
     input_tokens = sum(c.input_tokens for c in clients)
     output_tokens = sum(c.output_tokens for c in clients)
+    messages: Counter[str] = Counter()
+    for m in measurements:
+        messages.update(m.extproc_messages)
     per_second = 1.0 / duration if duration > 0 else 0.0
     return ModeResult(
         requests=completed + errors.total(),
@@ -137,11 +144,29 @@ def summarize(measurements: Sequence[Measurement]) -> ModeResult:
         replica_profiles=measurements[0].replica_profiles,
         cpu_seconds=dict(cpu),
         cpu_cores_used=cpu.total() * per_second,
+        proxy_cost=_proxy_cost(cpu, messages, completed, output_tokens),
         host_cpu_busy=sum(m.host_cpu_busy * m.duration for m in measurements) * per_second,
         clients=len(measurements[0].clients),
         repeats=len(measurements),
         by_repeat=[RepeatSummary(m.total_tokens / m.duration, m.host_cpu_busy) for m in measurements],
     )
+
+
+def _proxy_cost(
+    cpu: Counter[str], messages: Counter[str], requests: int, output_tokens: int
+) -> dict[str, dict[str, float]]:
+    cost: dict[str, dict[str, float]] = {}
+    if not requests:
+        return cost
+    for role in ("envoy", "picker"):
+        if role in cpu:
+            cost[f"{role} CPU ms"] = {
+                "per request": 1000 * cpu[role] / requests,
+                "per 1k output tokens": 1e6 * cpu[role] / output_tokens if output_tokens else 0.0,
+            }
+    if messages:
+        cost["ext_proc messages"] = {way: n / requests for way, n in messages.items()}
+    return cost
 
 
 @dataclass(frozen=True, slots=True)

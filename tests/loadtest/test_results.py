@@ -46,7 +46,7 @@ def test_summarize_merges_clients_over_the_shared_window() -> None:
     ]  # fmt: skip
     measured = Measurement(
         clients, {"0": counters(1000, 250), "1": counters(1000, 750)}, {"0": "fast", "1": "slow"},
-        {"envoy": 2.0}, host_cpu_busy=0.5,
+        {"envoy": 2.0, "picker": 0.6}, host_cpu_busy=0.5, extproc_messages={"sent": 9, "received": 6},
     )  # fmt: skip
     result = summarize([measured])
     assert (result.requests, result.completed, result.errors) == (4, 3, 1)
@@ -57,7 +57,13 @@ def test_summarize_merges_clients_over_the_shared_window() -> None:
     assert result.prefix_cache_hit_rate == pytest.approx(0.5)
     assert result.per_replica_hit_rate == {"0": 0.25, "1": 0.75}
     assert result.per_replica_requests == {"0": 3, "1": 1}
-    assert set(result.cpu_seconds) == {"client-0", "client-1", "envoy"}
+    assert set(result.cpu_seconds) == {"client-0", "client-1", "envoy", "picker"}
+    # Per completed request (3) and per 1,000 output tokens (60).
+    assert result.proxy_cost["envoy CPU ms"] == pytest.approx(
+        {"per request": 2000 / 3, "per 1k output tokens": 2e6 / 60}
+    )
+    assert result.proxy_cost["picker CPU ms"]["per request"] == pytest.approx(200.0)
+    assert result.proxy_cost["ext_proc messages"] == pytest.approx({"sent": 3.0, "received": 2.0})
 
 
 def test_repeats_pool_samples_and_sum_windows() -> None:
@@ -100,7 +106,7 @@ def mode_result(output_tps: float, ttft_p90: float, hit_rate: float | None) -> M
         e2e_ms=latency, prefix_cache_hit_rate=hit_rate, per_replica_hit_rate={"a:1": hit_rate},
         preemptions=0, per_replica_requests={"a:1": 10}, replica_profiles={"a:1": "h100-8b"},
         cpu_seconds={"client-0": 0.5},
-        cpu_cores_used=0.5, host_cpu_busy=0.4,
+        cpu_cores_used=0.5, proxy_cost={}, host_cpu_busy=0.4,
     )  # fmt: skip
 
 

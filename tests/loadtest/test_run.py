@@ -112,9 +112,16 @@ async def test_every_mode_runs_on_its_own_stack_and_is_reported(tmp_path: Path) 
         assert result["cpu_seconds"]["simulator"] >= 0  # psutil counts 10 ms ticks: a tiny run may show 0
         assert ("envoy" in result["cpu_seconds"]) == (mode != "direct")
         assert ("picker" in result["cpu_seconds"]) == ("picker" in mode)
+        messages = result["proxy_cost"].get("ext_proc messages")
+        assert (messages is not None) == ("picker" in mode)
+        if messages is not None and mode != "picker-gie-echo":  # never a message per token
+            assert 2 <= messages["sent"] <= 8 and 1 <= messages["received"] <= 8
+    echoed = doc["modes"]["picker-gie-echo"]["proxy_cost"]["ext_proc messages"]
+    assert echoed["sent"] > doc["modes"]["picker-gie"]["proxy_cost"]["ext_proc messages"]["sent"]
     assert len(doc["targets"]) == 2  # the uniform workload's two targets
     report = (out / "report.md").read_text()
     assert "Ratio to `envoy-rr`" in report and (out / "latency-c2.png").exists()
+    assert "| picker-gie-echo |" in report.split("Proxy cost")[1]
     assert not run.leftovers
 
 
