@@ -42,6 +42,7 @@ from loadtest.workloads import SharedPrefix
 from vllm_sim import REPLICA_HEADER
 
 FAIL_OPEN_STAT = "http.inference.ext_proc.failure_mode_allowed"
+RETRY_STAT = "cluster.inference-pool.upstream_rq_retry"
 # A dead replica may still get new requests for one scrape interval plus the round trip of the
 # first failed request and its probe; this is that round trip's allowance on a busy machine.
 DETECTION_SLACK = 0.5
@@ -61,6 +62,7 @@ class ChaosPlan:
     max_tokens: int = 16
     groups: int = 6  # distinct shared prompt prefixes
     scrape_interval: float = 0.1  # the picker's metrics.scrape_interval (its default)
+    burst: int = 2000  # requests sent at one instant in the last phase
     request_timeout: float = 60.0
     seed: int = 0
 
@@ -71,6 +73,7 @@ class Phase:
     start: float
     end: float = 0.0
     fail_open: int = 0  # requests Envoy sent round-robin because the picker did not answer
+    retries: int = 0  # attempts Envoy retried, on the picker's next fallback (or round-robin)
     notes: dict[str, float | int | None] = field(default_factory=dict)
 
 
@@ -122,17 +125,18 @@ class Run:
 
     async def enter(self, name: str) -> Phase:
         now = self.now()
-        fail_open = await self._fail_open()
+        fail_open, retries = await self._envoy_counters()
         if self.phases:
             last = self.phases[-1]
-            last.end, last.fail_open = now, fail_open - last.fail_open
-        phase = Phase(name, now, fail_open=fail_open)  # the counter at entry, until closed
+            last.end, last.fail_open, last.retries = now, fail_open - last.fail_open, retries - last.retries
+        phase = Phase(name, now, fail_open=fail_open, retries=retries)  # counters at entry, until closed
         self.phases.append(phase)
         return phase
 
-    async def _fail_open(self) -> int:
+    async def _envoy_counters(self) -> tuple[int, int]:
         assert self.envoy is not None
-        return (await self.envoy.stats("ext_proc")).get(FAIL_OPEN_STAT, 0)
+        stats = await self.envoy.stats(f"{FAIL_OPEN_STAT}|{RETRY_STAT}")
+        return stats.get(FAIL_OPEN_STAT, 0), stats.get(RETRY_STAT, 0)
 
     async def picker_samples(self) -> dict[str, float]:
         return await metric_totals(self.http, f"http://127.0.0.1:{self.picker.metrics_port}/metrics")
@@ -222,6 +226,10 @@ async def scenario(run: Run, load: SteadyLoad) -> None:
     restart.notes["picker ready after (s)"] = run.now() - restart.start
     await run.hold()
 
+    burst = await run.enter("burst")
+    await load.burst(run.plan.burst)
+    burst.notes["requests at once"] = run.plan.burst
+
     await run.enter("drain")
     load.stop.set()
 
@@ -235,6 +243,7 @@ class PhaseReport:
     failed: dict[str, int]
     success_rate: float | None
     fail_open: int
+    retries: int
     affinity: float | None  # share of requests on their prefix group's usual replica
     served: dict[str, int]
     notes: dict[str, float | int | None]
@@ -262,6 +271,7 @@ def phase_report(phase: Phase, records: Sequence[Record]) -> PhaseReport:
         failed=dict(failed),
         success_rate=ok / len(mine) if mine else None,
         fail_open=phase.fail_open,
+        retries=phase.retries,
         affinity=affinity(mine),
         served=dict(Counter(r.replica or "-" for r in mine)),
         notes=phase.notes,
@@ -303,6 +313,8 @@ def replica_findings(plan: ChaosPlan, run: Run, records: Sequence[Record]) -> di
     return {
         "killed: requests in flight on it": len(in_flight),
         "killed: of those in flight, failed": sum(1 for r in in_flight if r.error),
+        "killed: requests started after the kill that failed": sum(1 for r in new if r.error),
+        "killed: attempts Envoy retried on a fallback meanwhile": killed.retries,
         "killed: new requests routed to it": len(to_dead),
         "killed: of those new, failed": sum(1 for r in to_dead if r.error),
         "killed: last new request routed to it after (s)": last_offset(to_dead, kill_at),
@@ -327,9 +339,14 @@ def checks(
         "picker back: routing by the picker again within one phase": routing_again is not None,
         "replica killed: no new request to it after one scrape interval + one failure": last_new is None
         or last_new <= plan.scrape_interval + DETECTION_SLACK,
+        "replica killed: no request that had not reached it failed (fallback retries)": replica[
+            "killed: requests started after the kill that failed"
+        ]
+        == 0,
         "replica killed: used again after it returns": replica["revived: first served after (s)"] is not None,
         "no failure except on a killed replica": replica[COLLATERAL] == 0,
         "picker restarted: no request fails": not by_name["picker-restart"].failed,
+        f"a burst of {plan.burst} simultaneous requests: no request fails": not by_name["burst"].failed,
         "picker in-flight gauges back to zero after the load": all(v == 0 for v in drained.values()),
     }
 
@@ -372,8 +389,12 @@ def write_report(report: dict[str, Any], out: Path) -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["# Chaos run", "", "| phase | s | sent | ok | failed | success | fail-open | affinity | notes |"]
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines = [
+        "# Chaos run",
+        "",
+        "| phase | s | sent | ok | failed | success | fail-open | retried | affinity | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in report["phases"]:
         rate = "-" if p["success_rate"] is None else f"{100 * p['success_rate']:.2f}%"
         aff = "-" if p["affinity"] is None else f"{p['affinity']:.2f}"
@@ -381,7 +402,7 @@ def markdown(report: dict[str, Any]) -> str:
         notes = "; ".join(f"{k} {_fmt(v)}" for k, v in p["notes"].items() if k != "at (s)")
         lines.append(
             f"| {p['name']} | {p['seconds']:.1f} | {p['sent']} | {p['succeeded']} | {failed} | {rate} "
-            f"| {p['fail_open']} | {aff} | {notes} |"
+            f"| {p['fail_open']} | {p['retries']} | {aff} | {notes} |"
         )
     lines += ["", "## The replica that was killed, revived, frozen and resumed", ""]
     lines += [f"- {key}: {_fmt(value)}" for key, value in report["replica"].items()]
@@ -402,6 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="closed-loop client streams (8)")
     parser.add_argument("--speed", type=float, default=20.0, help="simulator clock speed (20)")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--burst", type=int, default=2000, help="requests sent at once at the end (2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="output directory (default results/chaos-<time>)")
 
@@ -415,6 +437,7 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
         concurrency=args.concurrency,
         speed=args.speed,
         max_tokens=args.max_tokens,
+        burst=args.burst,
         seed=args.seed,
     )
     if plan.replicas < 2:

@@ -340,19 +340,30 @@ class SteadyLoad:
         self.stop = asyncio.Event()
 
     async def run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=10)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
+        async with self._session() as http:
             await asyncio.gather(*(self._worker(http) for _ in range(self.concurrency)))
+
+    async def burst(self, requests: int) -> None:
+        """`requests` more requests sent at the same instant, recorded like the rest."""
+        async with self._session() as http:
+            await asyncio.gather(*(self._one(http) for _ in range(requests)))
+
+    def _session(self) -> aiohttp.ClientSession:
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=10)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
 
     async def _worker(self, http: aiohttp.ClientSession) -> None:
         while not self.stop.is_set():
-            session = next(self._sessions)
-            group = self._groups.setdefault(session.system, len(self._groups))
-            history = [{"role": "system", "content": session.system}] if session.system else []
-            started = time.monotonic() - self.t0
-            outcome = await stream_request(http, self.url, request_body(self.model, session, 0, history))
-            ended = time.monotonic() - self.t0
-            self.records.append(Record(started, ended, group, outcome.error, outcome.replica))
+            await self._one(http)
+
+    async def _one(self, http: aiohttp.ClientSession) -> None:
+        session = next(self._sessions)
+        group = self._groups.setdefault(session.system, len(self._groups))
+        history = [{"role": "system", "content": session.system}] if session.system else []
+        started = time.monotonic() - self.t0
+        outcome = await stream_request(http, self.url, request_body(self.model, session, 0, history))
+        ended = time.monotonic() - self.t0
+        self.records.append(Record(started, ended, group, outcome.error, outcome.replica))
 
 
 def emit(message: dict[str, Any]) -> None:
@@ -404,4 +415,3 @@ def main(args: argparse.Namespace) -> None:
     if result is not None:
         result.dump(Path(job.result_path))
         emit({"done": result.finished, "errors": sum(result.errors.values()), "finished": True})
-
