@@ -272,11 +272,12 @@ class Client:
 
     async def _arrive(self, arrivals: Iterator[tuple[Session, float]]) -> None:
         """Open loop, as `vllm bench serve --request-rate R --max-concurrency C`: each session
-        starts at its arrival time (seconds after the run's start) whether or not earlier ones are
+        starts at its arrival time (seconds after the first one's) whether or not earlier ones are
         done, at most `job.concurrency` at once (a session waiting for a slot starts its clock when
-        it gets one, as vLLM's does)."""
+        it gets one, as vLLM's does). Making a session's prompt takes time too: a session made
+        late starts at once, and the ones after it keep to the schedule."""
         slots = asyncio.Semaphore(self.job.concurrency)
-        started_at = self.result.started
+        origin: float | None = None  # when arrival time 0 is: once the first session is made
 
         async def start(session: Session) -> None:
             async with slots:
@@ -284,7 +285,8 @@ class Client:
 
         async with asyncio.TaskGroup() as started:
             for session, at in arrivals:
-                if (delay := started_at + at - time.monotonic()) > 0:
+                origin = time.monotonic() - at if origin is None else origin
+                if (delay := origin + at - time.monotonic()) > 0:
                     await asyncio.sleep(delay)  # the arrival schedule itself
                 if time.monotonic() >= self._deadline:
                     break
