@@ -3,6 +3,8 @@
     python -m loadtest run --workload shared-prefix --modes direct,envoy-rr,picker \\
         --concurrency 8,32,128 [--requests N | --duration S] [--replicas 4] [--profiles a,b] \\
         [--speed X] [--num-gpu-blocks B] [--set name=value ...] [--repeat N] [--ramp-up S] --out DIR
+    python -m loadtest run --workload trace --trace mooncake.jsonl [--trace-requests N |
+        --trace-window START:END] [--time-scale F] ...   # replay a Mooncake-format trace
     python -m loadtest demo      # the README's first command
 """
 
@@ -26,9 +28,9 @@ from loadtest import report
 from loadtest.runner import RunPlan, run_plan
 from loadtest.stack import MODES, PoolSpec
 from loadtest.stats import E2E_P99, HIT_RATE, OUTPUT_TPS, TOTAL_TPS, TPOT_P50, TTFT_P90, ModeResult, ratio
-from loadtest.workloads import MultiTurn, SharedPrefix, Uniform, Workload, with_params
+from loadtest.workloads import MultiTurn, SharedPrefix, TraceReplay, Uniform, Workload, with_params
 
-WORKLOADS = ("uniform", "shared-prefix", "multi-turn", "heterogeneous")
+WORKLOADS = ("uniform", "shared-prefix", "multi-turn", "heterogeneous", "trace")
 DEFAULT_PROFILES = {"heterogeneous": ("h100-8b", "l40s-8b")}  # fast and slow, alternating
 TABLE = (  # short terminal headers for the key metrics
     ("out tok/s", OUTPUT_TPS),
@@ -59,6 +61,25 @@ def build_workload(name: str, pool: PoolSpec, overrides: dict[str, str]) -> Work
     if name == "multi-turn":
         return with_params(MultiTurn(), overrides)
     return with_params(Uniform(), overrides)
+
+
+def trace_workload(args: argparse.Namespace) -> TraceReplay:
+    """`--workload trace`: the records `--trace-requests` / `--trace-window` select, at least one."""
+    if args.trace is None or not args.trace.is_file():
+        raise ValueError(f"--workload trace needs --trace, a Mooncake-format JSONL file (got {args.trace})")
+    start, end = args.trace_window or (0.0, None)
+    workload = TraceReplay(str(args.trace), args.time_scale, args.trace_requests, start, end)
+    if not workload.min_requests:
+        raise ValueError(f"no request of {args.trace} falls in the selected window")
+    return workload
+
+
+def _window(text: str) -> tuple[float, float | None]:
+    start, _, end = text.partition(":")
+    try:
+        return float(start or 0), float(end) if end else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END seconds, got {text!r}") from None
 
 
 def _list(text: str) -> list[str]:
@@ -134,6 +155,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--request-timeout", type=float, default=600.0)
     run.add_argument("--out", type=Path, help="output directory (default results/<workload>-<time>)")
+    trace = run.add_argument_group("trace replay (--workload trace)")
+    trace.add_argument("--trace", type=Path, help="Mooncake-format JSONL: timestamp ms, lengths, hash_ids")
+    trace.add_argument(
+        "--time-scale", type=float, default=1.0, metavar="F",
+        help="arrival times are the trace's times F (0.1: ten times faster; 1/speed keeps the "
+        "simulator's clock)",
+    )  # fmt: skip
+    trace.add_argument("--trace-requests", type=int, metavar="N", help="only the first N records")
+    trace.add_argument(
+        "--trace-window", type=_window, metavar="START:END", help="only the records in this window (seconds)"
+    )
 
 
 def plan_from_args(args: argparse.Namespace) -> RunPlan:
@@ -151,14 +183,16 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
         )
     profiles = tuple(args.profiles or DEFAULT_PROFILES.get(args.workload, ("h100-8b",)))
     pool = PoolSpec(args.replicas, profiles, args.speed, args.num_gpu_blocks)
+    traced = args.workload == "trace"
+    workload = trace_workload(args) if traced else build_workload(args.workload, pool, dict(args.set))
     return RunPlan(
         workload_name=args.workload,
-        workload=build_workload(args.workload, pool, dict(args.set)),
+        workload=workload,
         modes=tuple(args.modes),
         concurrencies=tuple(sorted(set(args.concurrency))),
         pool=pool,
         out=args.out or Path("results") / f"{args.workload}-{stamp}",
-        requests=args.requests,
+        requests=args.requests or (workload.min_requests if traced else None),
         duration=args.duration,
         clients=args.clients,
         repeats=args.repeat,

@@ -34,6 +34,7 @@ import orjson
 from loadtest.workloads import (
     Session,
     SharedPrefix,
+    TraceReplay,
     assigned_sessions,
     assigned_warmup,
     from_dict,
@@ -235,10 +236,12 @@ class Client:
         self.result.started = time.monotonic()
         if job.duration is not None:
             self._deadline = self.result.started + job.duration
-        if job.request_rate is None:
-            await self._drive(sessions, self._record, job.ramp_up)
+        if job.request_rate is not None:
+            await self._arrive(self._poisson(sessions, job.request_rate * job.concurrency / sum(job.shares)))
+        elif job.workload["kind"] == TraceReplay.kind:
+            await self._arrive((session, session.at or 0.0) for session in sessions)
         else:
-            await self._arrive(sessions, job.request_rate * job.concurrency / sum(job.shares))
+            await self._drive(sessions, self._record, job.ramp_up)
         self.result.ended = time.monotonic()
         self.result.cpu_seconds = time.process_time() - cpu
         return self.result
@@ -259,23 +262,35 @@ class Client:
 
         await asyncio.gather(*(worker((first + i) * step) for i in range(job.concurrency)))
 
-    async def _arrive(self, sessions: Iterator[Session], rate: float) -> None:
-        """Open loop, as `vllm bench serve --request-rate R --max-concurrency C`: sessions start at
-        Poisson arrivals whether or not earlier ones are done, at most `job.concurrency` at once
-        (a session waiting for a slot starts its clock when it gets one, as vLLM's does)."""
+    def _poisson(self, sessions: Iterator[Session], rate: float) -> Iterator[tuple[Session, float]]:
+        """Each session with its arrival time: a seeded Poisson process of `rate` per second."""
         rng = random.Random(f"arrivals-{self.job.seed}-{self.job.index}")
+        at = 0.0
+        for session in sessions:
+            yield session, at
+            at += rng.expovariate(rate)
+
+    async def _arrive(self, arrivals: Iterator[tuple[Session, float]]) -> None:
+        """Open loop, as `vllm bench serve --request-rate R --max-concurrency C`: each session
+        starts at its arrival time (seconds after the first one's) whether or not earlier ones are
+        done, at most `job.concurrency` at once (a session waiting for a slot starts its clock when
+        it gets one, as vLLM's does). Making a session's prompt takes time too: a session made
+        late starts at once, and the ones after it keep to the schedule."""
         slots = asyncio.Semaphore(self.job.concurrency)
+        origin: float | None = None  # when arrival time 0 is: once the first session is made
 
         async def start(session: Session) -> None:
             async with slots:
                 await self._converse(session, self._record)
 
         async with asyncio.TaskGroup() as started:
-            for session in sessions:
+            for session, at in arrivals:
+                origin = time.monotonic() - at if origin is None else origin
+                if (delay := origin + at - time.monotonic()) > 0:
+                    await asyncio.sleep(delay)  # the arrival schedule itself
                 if time.monotonic() >= self._deadline:
                     break
                 started.create_task(start(session))
-                await asyncio.sleep(rng.expovariate(rate))  # the arrival schedule itself
 
     async def _converse(self, session: Session, record: Callable[[Outcome], None]) -> bool:
         """Send a session's turns in order; False once the deadline has passed."""

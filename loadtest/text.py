@@ -43,7 +43,14 @@ class TextSizer:
 
         With `lead_space` the text starts with a space, so that it tokenizes the same wherever it
         is appended to other such text (blocks of a longer prompt)."""
-        pieces: list[str] = []
+        return "".join(piece for piece, _ in self.pieces(rng, tokens, common=common, lead_space=lead_space))
+
+    def pieces(
+        self, rng: random.Random, tokens: int, *, common: bool = True, lead_space: bool = False
+    ) -> list[tuple[str, int]]:
+        """`text`'s words (and periods), each with its token count: any prefix of them is a prefix
+        of the text's tokens."""
+        pieces: list[tuple[str, int]] = []
         remaining = tokens
         until = rng.randint(*SENTENCE_WORDS)
         drawn: list[str] = []
@@ -55,13 +62,17 @@ class TextSizer:
             counts, ones = (self._bare, self._one_bare) if first else (self._spaced, self._one_spaced)
             if counts[word] > remaining:
                 word = rng.choice(ones)
-            pieces.append(word if first else " " + word)
+            pieces.append((word if first else " " + word, counts[word]))
             remaining -= counts[word]
             if len(pieces) >= until and remaining >= self._period:
-                pieces.append(".")
+                pieces.append((".", self._period))
                 remaining -= self._period
                 until += rng.randint(*SENTENCE_WORDS)
-        return "".join(pieces)
+        return pieces
+
+    def fill(self, rng: random.Random, tokens: int) -> str:
+        """`tokens` one-token words, each after a space (to pad text to an exact length)."""
+        return "".join(" " + rng.choice(self._one_spaced) for _ in range(tokens))
 
 
 @functools.cache

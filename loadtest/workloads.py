@@ -14,10 +14,14 @@ and multi-turn, ~3.4 for uniform's rare words. No two random prompts share a blo
   together exceed one replica's KV cache but fit in the pool's. Its warm-up asks every group once,
   through the mode under test, so the measured window is the steady state, not the cold start.
 - `MultiTurn`: chat conversations whose every turn resends the whole history, answers included.
+- `TraceReplay`: a Mooncake-format trace (`loadtest.trace`): each record one completion whose
+  prompt shares text with the others exactly where their hash ids are equal, sent at the trace's
+  arrival time multiplied by `time_scale` (0.1 replays ten times faster).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Iterator
@@ -25,6 +29,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Protocol
 
 from loadtest.text import sized_text
+from loadtest.trace import TraceRecord, load_trace, prompt_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +44,7 @@ class Session:
     max_tokens: tuple[int, ...]
     system: str | None = None
     chat: bool = True
+    at: float | None = None  # seconds after the run's start it arrives (trace replay); None: any time
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -154,8 +160,39 @@ class MultiTurn:
         return []  # every conversation is new
 
 
-KINDS: dict[str, type[Uniform] | type[SharedPrefix] | type[MultiTurn]] = {
-    w.kind: w for w in (Uniform, SharedPrefix, MultiTurn)
+@dataclass(frozen=True, slots=True)
+class TraceReplay:
+    kind: ClassVar[str] = "trace"
+    path: str = ""
+    time_scale: float = 1.0  # real seconds per trace second
+    first: int | None = None  # the first N records (of the window)
+    start_s: float = 0.0  # the window, in trace seconds after its first arrival
+    end_s: float | None = None
+
+    @property
+    def min_requests(self) -> int:
+        """Every selected record is one request."""
+        return len(_records(self.path, self.first, self.start_s, self.end_s))
+
+    def sessions(self, rng: random.Random) -> Iterator[Session]:
+        """The records in trace order; the first selected one arrives at 0."""
+        records = _records(self.path, self.first, self.start_s, self.end_s)
+        origin = records[0].timestamp_ms if records else 0.0
+        for record in records:
+            at = (record.timestamp_ms - origin) / 1000 * self.time_scale
+            yield Session((prompt_text(record),), (max(1, record.output_length),), chat=False, at=at)
+
+    def warmup(self, rng: random.Random) -> list[Session]:
+        return []  # the trace's own first requests warm the cache, as in production
+
+
+@functools.lru_cache(maxsize=4)
+def _records(path: str, first: int | None, start_s: float, end_s: float | None) -> tuple[TraceRecord, ...]:
+    return tuple(load_trace(path, first=first, start_s=start_s, end_s=end_s))
+
+
+KINDS: dict[str, type[Uniform] | type[SharedPrefix] | type[MultiTurn] | type[TraceReplay]] = {
+    w.kind: w for w in (Uniform, SharedPrefix, MultiTurn, TraceReplay)
 }
 
 

@@ -13,8 +13,9 @@ import json
 import signal
 from pathlib import Path
 
+from vllm_sim.kv_events import ENCODINGS
 from vllm_sim.profiles import ALIASES, PROFILES, Profile, get_profile
-from vllm_sim.server import SimConfig, run_replicas
+from vllm_sim.server import KVEventsConfig, SimConfig, run_replicas
 from vllm_sim.tokenizer import DEFAULT_CHAT_TEMPLATE, DEFAULT_TOKENIZER
 
 READY_FORMAT = "replica {index} ready on {address} profile={profile}"
@@ -51,6 +52,19 @@ def parse_args(argv: list[str] | tuple[str, ...] | None = None) -> argparse.Name
         "--chat-template", type=Path, default=DEFAULT_CHAT_TEMPLATE, help="a jinja2 chat template file"
     )
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument(
+        "--kv-events-port", type=int, default=0,
+        help="publish KV-cache events (ZMQ PUB, vLLM's format) on this port, replica i on port+i; 0: off",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-events-replay-port", type=int, default=0,
+        help="ZMQ ROUTER replay socket for missed event batches, replica i on port+i; 0: none",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-events-encoding", choices=ENCODINGS, default="array",
+        help="array: positional arrays (vLLM before its msgpack maps); map: maps tagged by type",
+    )  # fmt: skip
+    parser.add_argument("--kv-events-topic", default="", help="the topic frame of every message")
     args = parser.parse_args(argv)
     if args.profiles:
         args.profiles = args.profiles.split(",")
@@ -102,6 +116,13 @@ def profiles_from_args(args: argparse.Namespace) -> list[Profile]:
     return chosen
 
 
+def kv_events_from_args(args: argparse.Namespace) -> KVEventsConfig | None:
+    if not args.kv_events_port:
+        return None
+    replay = args.kv_events_replay_port or None
+    return KVEventsConfig(args.kv_events_port, replay, args.kv_events_encoding, args.kv_events_topic)
+
+
 async def serve(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -114,6 +135,7 @@ async def serve(args: argparse.Namespace) -> None:
         default_max_tokens=args.default_max_tokens,
         tokenizer=args.tokenizer,
         chat_template=args.chat_template,
+        kv_events=kv_events_from_args(args),
     )
     async with run_replicas(
         args.replicas,

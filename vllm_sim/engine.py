@@ -16,6 +16,9 @@ The model, piece by piece:
   first) until the allocation fits; no new request is admitted in such a step.
 - Step time (`profiles.py`): fixed overhead + prefill tokens + decoding sequences + context read,
   divided by `speed`. A token is sampled for every request whose known tokens are all computed.
+- KV events (`kv_events.py`): with a publisher attached, each step publishes BlockStored for the
+  blocks it added to the prefix cache and BlockRemoved for those allocation evicted, so the events
+  follow the cache exactly.
 - Output length: `max_tokens` tokens (ignore-EOS, as serving benchmarks run); the API layer may
   choose a shorter length (`min_tokens`, or its default when `max_tokens` is absent) and mark
   the end as EOS (`finish_reason` "stop").
@@ -33,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from vllm_sim.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventPublisher
 from vllm_sim.kvcache import Block, KVCache
 from vllm_sim.profiles import Profile
 from vllm_sim.tokenizer import OutputSampler
@@ -131,6 +135,7 @@ class Engine:
         prefix_caching: bool = True,
         max_loras: int = 1,
         observer: EngineObserver | None = None,
+        lora_ids: dict[str, int] | None = None,
     ) -> None:
         self.profile = profile
         self.speed = speed
@@ -140,7 +145,23 @@ class Engine:
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.counters = EngineCounters()
+        self.lora_ids = lora_ids or {}  # adapter name -> vLLM's lora_int_id (for KV events)
+        self.publisher: KVEventPublisher | None = None
+        self._events: list[KVEvent] = []
         self._work = asyncio.Event()
+
+    def publish_kv_events(self, publisher: KVEventPublisher) -> None:
+        """From now on, publish every change to the prefix cache (BlockStored / BlockRemoved)."""
+        self.publisher = publisher
+        self.kv.evicted = []
+
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (AllBlocksCleared); refused while requests hold blocks."""
+        if not self.kv.reset():
+            return False
+        if self.publisher is not None:
+            self.publisher.publish([AllBlocksCleared()])
+        return True
 
     def submit(
         self,
@@ -280,6 +301,18 @@ class Engine:
                 self._sample(request, now)
         if self.observer:
             self.observer.on_step(tokens)
+        if self.publisher is not None:
+            self._flush_events()
+
+    def _flush_events(self) -> None:
+        """Publish this step's events: evictions (made while scheduling it) first, then stores."""
+        evicted = self.kv.evicted
+        assert self.publisher is not None and evicted is not None
+        events: list[KVEvent] = [BlockRemoved(evicted[:])] if evicted else []
+        evicted.clear()
+        events += self._events
+        self._events.clear()
+        self.publisher.publish(events)
 
     def _sample(self, request: SimRequest, now: float) -> None:
         token_id, text = request.output.next_token()
@@ -307,9 +340,33 @@ class Engine:
     def _publish_blocks(self, request: SimRequest) -> None:
         hashes = request.tokens.hashes
         full = min(request.num_computed // self.profile.block_size, len(hashes))
-        for i in range(request.num_cached_blocks, full):
-            self.kv.cache(request.blocks[i], hashes[i])
+        stored = [
+            i for i in range(request.num_cached_blocks, full) if self.kv.cache(request.blocks[i], hashes[i])
+        ]
         request.num_cached_blocks = max(request.num_cached_blocks, full)
+        if self.publisher is not None and stored:
+            self._record_stored(request, stored)
+
+    def _record_stored(self, request: SimRequest, indexes: list[int]) -> None:
+        """One BlockStored per run of consecutive newly cached blocks of `request`."""
+        tokens, lora = request.tokens, request.lora
+        runs = [[indexes[0]]]
+        for i in indexes[1:]:
+            if i == runs[-1][-1] + 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            self._events.append(
+                BlockStored(
+                    block_hashes=[tokens.hashes[i] for i in run],
+                    parent_block_hash=tokens.parent_hash(run[0]),
+                    token_ids=[t for i in run for t in tokens.block_tokens(i)],
+                    block_size=self.profile.block_size,
+                    lora_id=self.lora_ids.get(lora) if lora else None,
+                    lora_name=lora,
+                )
+            )
 
     def _grow(self, request: SimRequest, total_tokens: int) -> bool:
         """Give `request` enough blocks for `total_tokens`; False when the pool is short."""

@@ -2,7 +2,8 @@
 
 Blocks that no request holds stay in a free queue with their hash, so a later request with the
 same prefix can reuse them until allocation evicts them (least recently freed first). Requests
-free their blocks tail first, so a prompt's shared head outlives its private tail.
+free their blocks tail first, so a prompt's shared head outlives its private tail. Evicted hashes
+are collected in `evicted` when someone (the KV-event publisher) wants them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class KVCache:
         # Blocks with ref_count 0, in eviction order (head first). Cached ones keep their hash.
         self._free: OrderedDict[int, Block] = OrderedDict((i, Block(i)) for i in range(num_blocks))
         self._cached: dict[int, Block] = {}
+        self.evicted: list[int] | None = None  # a list: hashes evicted since it was last emptied
 
     @property
     def num_free(self) -> int:
@@ -71,6 +73,8 @@ class KVCache:
             _, block = self._free.popitem(last=False)
             if block.block_hash is not None:
                 del self._cached[block.block_hash]
+                if self.evicted is not None:
+                    self.evicted.append(block.block_hash)
                 block.block_hash = None
             block.ref_count = 1
             blocks.append(block)
@@ -83,8 +87,21 @@ class KVCache:
             if block.ref_count == 0:
                 self._free[block.block_id] = block
 
-    def cache(self, block: Block, block_hash: int) -> None:
-        """Publish a fully computed block. A duplicate of a cached block stays private."""
-        if self.prefix_caching and block_hash not in self._cached:
-            block.block_hash = block_hash
-            self._cached[block_hash] = block
+    def cache(self, block: Block, block_hash: int) -> bool:
+        """Publish a fully computed block; False if it was not (a duplicate of a cached block
+        stays private)."""
+        if not self.prefix_caching or block_hash in self._cached:
+            return False
+        block.block_hash = block_hash
+        self._cached[block_hash] = block
+        return True
+
+    def reset(self) -> bool:
+        """Forget every cached hash, as vLLM's reset_prefix_cache; refused (False) while a
+        request holds blocks."""
+        if len(self._free) < self.num_blocks:
+            return False
+        for block in self._cached.values():
+            block.block_hash = None
+        self._cached.clear()
+        return True

@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from vllm_sim.engine import Engine, SimRequest, Status
+from vllm_sim.kv_events import KVEventPublisher
 from vllm_sim.metrics import ReplicaMetrics
 from vllm_sim.openai_api import (
     BadRequest,
@@ -40,6 +41,21 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
+class KVEventsConfig:
+    """Where a replica publishes its KV-cache events (port 0: a free port; replay None: none)."""
+
+    port: int = 0
+    replay_port: int | None = None
+    encoding: str = "array"  # or "map" (kv_events.ENCODINGS)
+    topic: str = ""
+
+    def offset(self, index: int) -> KVEventsConfig:
+        """Replica `index`'s ports: fixed ports count up from the first replica's."""
+        replay = self.replay_port + index if self.replay_port else self.replay_port
+        return dataclasses.replace(self, port=self.port + index if self.port else 0, replay_port=replay)
+
+
+@dataclass(frozen=True, slots=True)
 class SimConfig:
     profile: Profile = PROFILES["h100-8b"]
     model: str | None = None  # served model name; the profile's model when None
@@ -52,6 +68,7 @@ class SimConfig:
     default_max_tokens: int = 256  # chat requests without max_tokens stop ("EOS") after this
     tokenizer: Path = DEFAULT_TOKENIZER  # a Hugging Face tokenizer.json
     chat_template: Path = DEFAULT_CHAT_TEMPLATE  # jinja2, as in a model's tokenizer_config.json
+    kv_events: KVEventsConfig | None = None  # None: no KV-event publisher
 
     @property
     def model_name(self) -> str:
@@ -69,6 +86,7 @@ class Replica:
             speed=self.config.speed,
             prefix_caching=self.config.prefix_caching,
             max_loras=self.config.max_loras,
+            lora_ids={name: i for i, name in enumerate(self.config.lora_adapters, 1)},
         )
         self.metrics = ReplicaMetrics(
             self.engine, self.config.model_name, lora_enabled=bool(self.config.lora_adapters)
@@ -78,6 +96,7 @@ class Replica:
         self.address = ""
         self._runner: web.AppRunner | None = None
         self._engine_task: asyncio.Task[None] | None = None
+        self.kv_events: KVEventPublisher | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on host:port (0 picks a free port) and return the bound `ip:port`."""
@@ -87,6 +106,7 @@ class Replica:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/detokenize", self._detokenize)
+        app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.on_response_prepare.append(self._tag_response)
@@ -98,6 +118,10 @@ class Replica:
         bound_host, bound_port = self._runner.addresses[0][:2]
         self.address = f"{bound_host}:{bound_port}"
         self.name = self.name or self.address
+        if (events := self.config.kv_events) is not None:
+            self.kv_events = KVEventPublisher(events.encoding, events.topic)
+            self.kv_events.start(host, events.port, events.replay_port)
+            self.engine.publish_kv_events(self.kv_events)
         self._engine_task = asyncio.create_task(self.engine.run(), name=f"engine {self.name}")
         return self.address
 
@@ -111,6 +135,9 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._engine_task
             self._engine_task = None
+        if self.kv_events is not None:
+            await self.kv_events.close()
+            self.kv_events = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -123,6 +150,12 @@ class Replica:
         response.headers[REPLICA_HEADER] = self.name or ""
 
     async def _health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's POST /reset_prefix_cache: drops every cached block (AllBlocksCleared)."""
+        if not self.engine.reset_prefix_cache():
+            return _error(409, "the prefix cache cannot be reset while requests hold KV blocks")
         return web.Response()
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -312,6 +345,7 @@ async def run_replicas(
                 profile=get_profile(p) if isinstance(p, str) else p,
                 speed=speed,
                 model=model or base.model,
+                kv_events=base.kv_events.offset(i) if base.kv_events else None,
             ),
             name=str(i),
         )

@@ -10,7 +10,7 @@ import pytest
 
 from loadtest.processes import SimProcess
 from vllm_sim import REPLICA_HEADER
-from vllm_sim.cli import parse_args, profiles_from_args
+from vllm_sim.cli import kv_events_from_args, parse_args, profiles_from_args
 
 
 async def test_child_process_serves_each_replica_and_exits_cleanly_on_sigterm() -> None:
@@ -54,3 +54,15 @@ def test_replica_count_follows_profiles_and_capacity_flags_apply_to_each() -> No
     assert [p.name for p in profiles] == ["l40s-8b", "h100-8b", "l40s-8b"]
     assert {(p.num_gpu_blocks, p.max_model_len, p.max_num_seqs) for p in profiles} == {(64, 64 * 16, 4)}
     assert profiles[0].max_num_batched_tokens == 2048  # the rest of the profile is kept
+
+
+def test_kv_event_ports_count_up_per_replica() -> None:
+    args = ["--replicas", "3", "--kv-events-port", "5557", "--kv-events-replay-port", "6557"]
+    events = kv_events_from_args(parse_args([*args, "--kv-events-encoding", "map"]))
+    assert events is not None and events.encoding == "map"
+    assert [(e.port, e.replay_port) for e in map(events.offset, range(3))] == [
+        (5557, 6557), (5558, 6558), (5559, 6559)
+    ]  # fmt: skip
+    assert kv_events_from_args(parse_args(["--replicas", "2"])) is None  # off by default
+    with pytest.raises(SystemExit):
+        parse_args(["--kv-events-encoding", "json"])
