@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # command -> (module, one-line help)
     "bench-decision": ("loadtest.bench_decision", "in-process decision latency of the scheduler"),
     "bench-proxy": ("loadtest.bench_proxy", "requests/s through Envoy + picker vs Envoy round-robin"),
     "bench-lean": ("loadtest.bench_lean", "every byte of many streams through a lean-closing picker"),
+    "bench-scrape": ("loadtest.bench_scrape", "picker CPU per scrape of a real-size vLLM metrics page"),
     "bench-streams": ("loadtest.bench_streams", "pick latency and picker memory with open streams"),
     "sim-bench": ("loadtest.bench_sim", "streamed tokens per second and CPU cost of the simulator"),
     "envoy": ("loadtest.envoy", "run the real Envoy with a shipped config, in the foreground"),

@@ -45,7 +45,9 @@ METRICS_PAGE = (
 _TYPES = "type.googleapis.com/envoy.extensions.filters."
 
 
-def canned_replicas(ports: Sequence[int], answer: bytes = ANSWER) -> dict[str, Any]:
+def canned_replicas(
+    ports: Sequence[int], answer: bytes = ANSWER, metrics_page: bytes = METRICS_PAGE.encode()
+) -> dict[str, Any]:
     """An Envoy config answering like a vLLM replica on each port, from memory, at once: headers
     and the whole `answer` in one go. The request's `x-rid` header comes back as a response header."""
 
@@ -53,7 +55,7 @@ def canned_replicas(ports: Sequence[int], answer: bytes = ANSWER) -> dict[str, A
         routes = [
             {
                 "match": {"path": "/metrics"},
-                "direct_response": {"status": 200, "body": {"inline_string": METRICS_PAGE}},
+                "direct_response": {"status": 200, "body": {"inline_string": metrics_page.decode()}},
             },
             {
                 "match": {"prefix": "/"},
@@ -64,7 +66,10 @@ def canned_replicas(ports: Sequence[int], answer: bytes = ANSWER) -> dict[str, A
         manager = {
             "@type": _TYPES + "network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": f"replica{port}",
-            "route_config": {"virtual_hosts": [{"name": "r", "domains": ["*"], "routes": routes}]},
+            "route_config": {
+                "virtual_hosts": [{"name": "r", "domains": ["*"], "routes": routes}],
+                "max_direct_response_body_size_bytes": 1 << 20,  # a real vLLM page is ~50 KB
+            },
             "http_filters": [
                 {
                     "name": "envoy.filters.http.router",
@@ -92,12 +97,17 @@ def canned_replicas(ports: Sequence[int], answer: bytes = ANSWER) -> dict[str, A
 
 @contextlib.asynccontextmanager
 async def start_replicas(
-    count: int, workdir: Path, answer: bytes = ANSWER
+    count: int, workdir: Path, answer: bytes = ANSWER, metrics_page: bytes = METRICS_PAGE.encode()
 ) -> AsyncIterator[tuple[list[str], int]]:
     """Canned replicas on `count` free ports: yields (addresses, pid)."""
     ports = [free_port() for _ in range(count)]
-    config = canned_replicas(ports, answer)
-    argv = command(config, concurrency=1, admin_address_path=workdir / "replicas-admin")
+    config = canned_replicas(ports, answer, metrics_page)
+    argv = command(
+        config,
+        concurrency=1,
+        admin_address_path=workdir / "replicas-admin",
+        config_file=workdir / "replicas.json",
+    )
     with (workdir / "replicas.log").open("ab") as log:
         process = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log)
     addresses = [f"127.0.0.1:{port}" for port in ports]

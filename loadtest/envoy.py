@@ -103,12 +103,19 @@ def command(
     concurrency: int | None = 1,
     log_level: str = "warning",
     admin_address_path: Path | None = None,
+    config_file: Path | None = None,
 ) -> list[str]:
-    """Envoy's argv. Hot restart is disabled: several Envoys on one host collide on its socket."""
+    """Envoy's argv. Hot restart is disabled: several Envoys on one host collide on its socket.
+
+    The config goes on the command line, or into `config_file` when it is too big for one."""
+    if config_file is None:
+        config = ["--config-yaml", json.dumps(rendered)]
+    else:
+        config_file.write_text(json.dumps(rendered))
+        config = ["--config-path", str(config_file)]
     argv = [
         envoy_binary(),
-        "--config-yaml",
-        json.dumps(rendered),
+        *config,
         "--disable-hot-restart",
         "--log-level",
         log_level,

@@ -151,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # httpx logs every scrape at INFO: ten lines a second per endpoint, at a cost on the hot loop.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     source = _source(args, parser)
     try:
         config = Config.load(args.config_file)

@@ -4,6 +4,11 @@ Each tick starts one scrape per endpoint whose previous scrape has finished; an 
 still answering (slow, hanging until the timeout) is skipped for that tick. So a slow endpoint
 only delays itself, never the others, and never piles up concurrent requests against itself.
 It also means one connection per endpoint is all the scraper's client ever needs.
+
+The client is aiohttp's, not httpx's: against a real-size vLLM page (48 KB) a scrape costs the
+picker 0.19 ms of CPU with aiohttp and 0.92 ms with httpx (2,000 scrapes on one keep-alive
+connection; parsing adds 0.08 ms). One client per endpoint keeps a scrape's cost independent of
+the pool's size (httpcore walked every pooled connection per request: O(N) per scrape).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-import httpx
+import aiohttp
 
 from picker.config import MetricsConfig
 from picker.datalayer.endpoint import Endpoint, Freshness
@@ -36,53 +41,12 @@ log = logging.getLogger(__name__)
 ERROR_KINDS = ("connect", "timeout", "status", "parse")  # SCRAPE_ERRORS `kind` label values
 # Identity: compressing a page the picker decompresses again only costs CPU on both sides.
 _HEADERS = {"accept": "text/plain", "accept-encoding": "identity"}
-_ONE_CONNECTION = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+_READ_CHUNK = 64 * 1024
 
 
 class _StatusError(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(f"HTTP {status}")
-
-
-class _PoolPerEndpoint(httpx.AsyncBaseTransport):
-    """One keep-alive connection per endpoint behind the scraper's single client.
-
-    httpcore's connection pool walks every connection it holds, polling each idle socket, for
-    every request, so one pool shared by N endpoints costs O(N) per scrape and O(N^2) per round.
-    Measured with 64 endpoints serving an 80 KB vLLM page every 0.2 s: 5.2 ms CPU per scrape, the
-    scraper managed half the rate and scrapes timed out; with a pool per endpoint, 1.2-1.5 ms
-    and the full rate. Looking the pool up by address keeps a scrape's cost independent of N.
-    """
-
-    def __init__(self) -> None:
-        self._pools: dict[bytes, httpx.AsyncHTTPTransport] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        pool = self._pools.get(request.url.netloc)
-        if pool is None:
-            pool = self._pools[request.url.netloc] = httpx.AsyncHTTPTransport(limits=_ONE_CONNECTION)
-        return await pool.handle_async_request(request)
-
-    def forget(self, address: str) -> None:
-        """Close the connection of an endpoint that left (no later request would prune it)."""
-        try:
-            netloc = httpx.URL(f"http://{address}").netloc  # as normalised for the request
-        except httpx.InvalidURL:  # then it was never fetched either
-            return
-        pool = self._pools.pop(netloc, None)
-        if pool is None:
-            return
-        try:
-            task = asyncio.get_running_loop().create_task(pool.aclose())
-        except RuntimeError:  # no loop: its connections are gone with it
-            return
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    async def aclose(self) -> None:
-        pools, self._pools = list(self._pools.values()), {}
-        await asyncio.gather(*self._closing, *(pool.aclose() for pool in pools))
 
 
 class Scraper:
@@ -94,23 +58,15 @@ class Scraper:
     """
 
     def __init__(
-        self,
-        pool: EndpointPool,
-        config: MetricsConfig,
-        client: httpx.AsyncClient | None = None,
-        *,
-        max_page_bytes: int = MAX_PAGE_BYTES,
+        self, pool: EndpointPool, config: MetricsConfig, *, max_page_bytes: int = MAX_PAGE_BYTES
     ) -> None:
         self._pool = pool
         self._config = config
         self._max_page_bytes = max_page_bytes
-        self._own_client = client is None
-        self._transport = _PoolPerEndpoint() if client is None else None
-        self._client = client or httpx.AsyncClient(
-            transport=self._transport,
-            timeout=config.timeout,
-            trust_env=False,  # pod addresses must never go through an HTTP(S)_PROXY from the env
-        )
+        # One client (one keep-alive connection) per endpoint, made on first use in the event loop,
+        # so an endpoint that leaves takes its connection with it.
+        self._clients: dict[str, aiohttp.ClientSession] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._probed: dict[str, float] = {}  # address -> loop time of its last out-of-band probe
         self._gauged: dict[str, Endpoint] = {}  # endpoints whose gauge series are bound
@@ -150,9 +106,20 @@ class Scraper:
             await asyncio.wait(tasks)
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this scraper created it (`run` does so when it ends)."""
-        if self._own_client:
-            await self._client.aclose()
+        """Close every connection (`run` does so when it ends)."""
+        clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*self._closing, *(client.close() for client in clients))
+
+    def _client(self, address: str) -> aiohttp.ClientSession:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1),  # a scrape never overlaps another of it
+                headers=_HEADERS,
+                auto_decompress=False,
+                trust_env=False,  # pod addresses must never go through an HTTP(S)_PROXY from the env
+            )
+        return client
 
     def probe(self, endpoint: Endpoint) -> asyncio.Task[None] | None:
         """Scrape `endpoint` now, out of band: a request to it ended suspiciously fast (Envoy
@@ -240,12 +207,12 @@ class Scraper:
 
     async def _fetch(self, address: str) -> bytes:
         url = f"http://{address}{self._config.path}"
-        async with self._client.stream("GET", url, headers=_HEADERS) as response:
-            if response.status_code != 200:
-                raise _StatusError(response.status_code)
+        async with self._client(address).get(url, allow_redirects=False) as response:
+            if response.status != 200:
+                raise _StatusError(response.status)
             chunks: list[bytes] = []
             size = 0
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.content.iter_chunked(_READ_CHUNK):
                 size += len(chunk)
                 if size > self._max_page_bytes:  # stop reading; do not buffer an endless body
                     raise MetricsError(f"metrics page exceeds {self._max_page_bytes} bytes")
@@ -271,8 +238,11 @@ class Scraper:
             task.cancel()
         self._gauged.pop(address, None)
         self._probed.pop(address, None)
-        if self._transport is not None:
-            self._transport.forget(address)
+        client = self._clients.pop(address, None)
+        if client is not None:  # close its connection now: no later scrape would reuse it
+            closing = asyncio.get_running_loop().create_task(client.close())  # made in this loop
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         forget_endpoint(address)
         for kind in ERROR_KINDS:  # telemetry.forget_endpoint leaves two-label families alone
             with contextlib.suppress(KeyError):
@@ -281,12 +251,12 @@ class Scraper:
 
 def _failure_kind(exc: Exception) -> str | None:
     """The SCRAPE_ERRORS kind of an expected scrape failure; None for a bug."""
-    if isinstance(exc, MetricsError | httpx.DecodingError):
+    if isinstance(exc, MetricsError | aiohttp.ClientPayloadError):
         return "parse"
-    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
         return "timeout"
     if isinstance(exc, _StatusError):
         return "status"
-    if isinstance(exc, httpx.HTTPError | httpx.InvalidURL | OSError):
+    if isinstance(exc, aiohttp.ClientError | ValueError | OSError):  # ValueError: a bad URL
         return "connect"
     return None
