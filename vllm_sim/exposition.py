@@ -74,31 +74,33 @@ class Value(Series):
         out.append(f"{self.prefix} {go_float(self.source() if self.source else self.value)}\n")
 
 
-class Counter(Family):
-    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__("counter", name, doc, labelnames)
-        self.header = f"# HELP {name}_total {doc}\n# TYPE {name}_total counter\n"
+class _Values(Family):
+    """A family of single-number series (counters, gauges); `sample` is the series' name."""
+
+    def __init__(self, kind: str, name: str, sample: str, doc: str, labelnames: Sequence[str]) -> None:
+        super().__init__(kind, name, doc, labelnames)
+        self.sample = sample
+        self.header = f"# HELP {sample} {doc}\n# TYPE {sample} {kind}\n"
 
     def _make(self, labels: str, values: tuple[str, ...]) -> Value:
-        return Value(f"{self.name}_total{labels}")
+        return Value(f"{self.sample}{labels}")
 
     def bind(self, values: Sequence[str], source: Callable[[], float]) -> None:
         """A series whose value is `source()` at each scrape (e.g. an engine counter)."""
         self.labels(*values).source = source  # type: ignore[attr-defined]
 
-
-class Gauge(Family):
-    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__("gauge", name, doc, labelnames)
-
-    def _make(self, labels: str, values: tuple[str, ...]) -> Value:
-        return Value(f"{self.name}{labels}")
-
-    def bind(self, values: Sequence[str], source: Callable[[], float]) -> None:
-        self.labels(*values).source = source  # type: ignore[attr-defined]
-
     def clear(self) -> None:
         self._children.clear()
+
+
+class Counter(_Values):
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__("counter", name, f"{name}_total", doc, labelnames)
+
+
+class Gauge(_Values):
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__("gauge", name, name, doc, labelnames)
 
 
 class HistogramSeries(Series):

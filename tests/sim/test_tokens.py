@@ -117,3 +117,19 @@ async def test_metrics_count_real_tokens(http: httpx.AsyncClient) -> None:
     assert value(samples, "vllm:request_prompt_tokens_sum") == 2 * 701
     assert value(samples, "vllm:request_prefill_kv_computed_tokens_sum") == 2 * 701 - cached
     assert value(samples, "vllm:iteration_tokens_total_sum") == 2 * (701 + 3)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "hello  world \n\n  the. state, 123 4567 x'll  é ü 日本  <|eot_id|> a<|eot_id|>b  ",
+        " leading and trailing spaces ",
+        "tabs\tand\nnewlines \n mixed  ,  with ... punctuation!",
+    ],
+)
+async def test_odd_text_tokenizes_exactly_as_the_tokenizer_does(http: httpx.AsyncClient, text: str) -> None:
+    """The replica remembers the pieces of text it has seen (split before spaces); whatever the
+    spacing, its tokens are the tokenizer's, twice in a row."""
+    for _ in range(2):
+        answer = (await http.post("/tokenize", json={"prompt": text})).json()
+        assert answer["tokens"] == TOKENIZER.encode(text).ids
