@@ -23,6 +23,7 @@ class EngineMetrics:
     max_lora: int | None = None
     running_loras: frozenset[str] = frozenset()
     waiting_loras: frozenset[str] = frozenset()
+    loaded_loras: int = 0  # adapters running or waiting, each counted once (the slots in use)
     # vllm:inter_token_latency_seconds histogram totals (cumulative): how fast it decodes.
     itl_sum: float = 0.0
     itl_count: float = 0.0

@@ -1,7 +1,9 @@
-"""The scheduler: filters -> weighted scorers -> picker, built from YAML config.
+"""The scheduler: filters -> weighted scorers -> picker, as the config's profile says.
 
 Called once per request on the ext_proc server's event loop, so one `schedule` is synchronous and
-O(endpoints + prompt blocks): lists of floats, no logging, no per-candidate dicts.
+O(endpoints + prompt blocks): lists of floats, no logging, no per-candidate dicts. The last
+decisions are kept for `/debug/decisions` as references to what the cycle built anyway (one tuple
+appended to a bounded deque), and rendered only when someone asks.
 """
 
 from __future__ import annotations
@@ -9,108 +11,61 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
-from picker.config import Config, MetricsConfig, PluginSpec, SchedulingConfig
+from picker.config import Config, SchedulingConfig
 from picker.datalayer.endpoint import Endpoint
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
 from picker.scheduling.filters import HealthyFilter
 from picker.scheduling.interface import Filter, Picker, PickObserver, Scorer
-from picker.scheduling.pickers import TIE_TOLERANCE, MaxScorePicker
-from picker.scheduling.scorers import (
-    InflightLoadScorer,
-    KVCacheUtilizationScorer,
-    LatencyScorer,
-    PrefixCacheScorer,
-    QueueScorer,
-    SessionAffinityScorer,
-)
+from picker.scheduling.pickers import TIE_TOLERANCE
+from picker.scheduling.registry import Instance, PluginContext, build_plugin, resolve
 from picker.telemetry import DECISIONS
 
-
-@dataclass(frozen=True, slots=True)
-class PluginContext:
-    """What plugins may share: a plugin field with one of these names is filled from here."""
-
-    pool: EndpointPool
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    clock: Callable[[], float] = time.monotonic  # injectable so tests control time
-    rng: random.Random = field(default_factory=random.Random)  # tie-breaks; seed it in tests
+DECISIONS_KEPT = 100  # decisions /debug/decisions can show
 
 
-_CONTEXT_FIELDS = frozenset(f.name for f in fields(PluginContext))
+class DecisionRecord(NamedTuple):
+    """One scheduling cycle as it happened: no request text beyond the model name."""
 
-FILTERS: dict[str, type] = {cls.name: cls for cls in (HealthyFilter,)}
-SCORERS: dict[str, type] = {
-    cls.name: cls
-    for cls in (
-        QueueScorer,
-        KVCacheUtilizationScorer,
-        InflightLoadScorer,
-        LatencyScorer,
-        PrefixCacheScorer,
-        SessionAffinityScorer,
-    )
-}
-PICKERS: dict[str, type] = {cls.name: cls for cls in (MaxScorePicker,)}
-
-
-def build_plugin(kind: str, registry: Mapping[str, type], spec: PluginSpec, ctx: PluginContext) -> Any:
-    """Construct the plugin `spec.type` from its params; raise ValueError on anything unknown.
-
-    Params are the plugin dataclass's init fields not named after a context attribute; each must
-    have the type of the field's default (an int is accepted for a float).
-    """
-    cls = registry.get(spec.type)
-    if cls is None:
-        raise ValueError(f"unknown {kind} type {spec.type!r}; known: {', '.join(sorted(registry))}")
-    where = f"{kind} {spec.type!r}"
-    accepted = {f.name: f for f in fields(cls) if f.init and f.name not in _CONTEXT_FIELDS}
-    unknown = spec.params.keys() - accepted.keys()
-    if unknown:
-        raise ValueError(f"{where}: unknown params {sorted(unknown)}; accepted: {sorted(accepted) or 'none'}")
-    params = {key: _typed(where, accepted[key], value) for key, value in spec.params.items()}
-    shared = {f.name: getattr(ctx, f.name) for f in fields(cls) if f.name in _CONTEXT_FIELDS}
-    try:
-        return cls(**shared, **params)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
-
-
-def _typed(where: str, param: Field[Any], value: Any) -> Any:
-    expected = type(param.default) if param.default is not MISSING else object
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected and expected is not object:
-        raise ValueError(f"{where}: param {param.name!r} must be {expected.__name__}, not {value!r}")
-    return value
+    at: float  # time.time()
+    model: str
+    candidates: list[Endpoint]
+    columns: list[Sequence[float]]  # one score per candidate, per scorer instance
+    totals: list[float]
+    chosen: list[Endpoint]
+    reason: str
 
 
 @dataclass(slots=True)
 class SchedulingResult:
     endpoints: list[Endpoint]  # the pick first, then fallbacks
-    reason: str  # scorer that most separated the winner from the runner-up, or a special case
+    reason: str  # scorer instance that most separated the winner from the runner-up, or a special case
 
 
 class Scheduler:
-    """Runs one scheduling cycle per request with the plugins `config` names."""
+    """Runs one scheduling cycle per request with the plugins of the config's profile.
+
+    Built-in filters run first: fresh metrics (request control has applied the gateway's subset
+    hint to the candidates already).
+    """
 
     def __init__(self, config: SchedulingConfig, ctx: PluginContext) -> None:
-        for spec in config.scorers:
-            if not (math.isfinite(spec.weight) and spec.weight >= 0):
-                raise ValueError(f"scorer {spec.type!r}: weight must be finite and >= 0")
-        self.filters: list[Filter] = [build_plugin("filter", FILTERS, s, ctx) for s in config.filters]
-        self.scorers: list[Scorer] = [build_plugin("scorer", SCORERS, s, ctx) for s in config.scorers]
-        self.weights: list[float] = [s.weight for s in config.scorers]
-        self.picker: Picker = build_plugin("picker", PICKERS, config.picker, ctx)
+        pipeline = resolve(config)
+        self.filters: list[Filter] = [HealthyFilter(ctx.metrics, ctx.clock)]
+        self.instances: tuple[Instance, ...] = pipeline.scorers
+        self.scorers: list[Scorer] = [build_plugin(instance, ctx) for instance in pipeline.scorers]
+        self.names: list[str] = [instance.name for instance in pipeline.scorers]
+        self.weights: list[float] = [instance.weight for instance in pipeline.scorers]
+        self.picker: Picker = build_plugin(pipeline.picker, ctx)
         self.observers: list[PickObserver] = [
-            plugin
-            for plugin in (*self.filters, *self.scorers, self.picker)
-            if callable(getattr(plugin, "on_pick", None))
+            plugin for plugin in (*self.scorers, self.picker) if callable(getattr(plugin, "on_pick", None))
         ]
+        self.recent: deque[DecisionRecord] = deque(maxlen=DECISIONS_KEPT)
 
     @classmethod
     def from_config(
@@ -143,6 +98,9 @@ class Scheduler:
         winner = chosen[0]
         reason = self._reason(candidates, totals, columns, winner)
         DECISIONS.labels(winner.address, reason).inc()
+        self.recent.append(
+            DecisionRecord(time.time(), request.model, candidates, columns, totals, chosen, reason)
+        )
         return SchedulingResult(chosen, reason)
 
     def _reason(
@@ -160,7 +118,7 @@ class Scheduler:
         totals[win] = -math.inf
         runner_up = totals.index(max(totals))
         totals[win] = best
-        if best - totals[runner_up] <= TIE_TOLERANCE:
+        if best - totals[runner_up] <= TIE_TOLERANCE or not self.scorers:
             return "tie"
         gaps = [w * (col[win] - col[runner_up]) for w, col in zip(self.weights, columns, strict=True)]
-        return self.scorers[gaps.index(max(gaps))].name
+        return self.names[gaps.index(max(gaps))]
