@@ -74,6 +74,9 @@ class Endpoint:
     pending_requests: int = 0  # counted entries of `pending`
     pending_tokens: int = 0
     token_seconds: float = 0.0  # recent mean inter-token latency the engine reports; 0: none yet
+    # What `/v1/models` last said: model id -> its base model (None for a base model itself).
+    # None until the endpoint answered: then nothing can be concluded from it.
+    models: dict[str, str | None] | None = None
     labels: dict[str, str] = field(default_factory=dict)
 
     def freshness(self, now: float, stale_after: float) -> Freshness:

@@ -22,6 +22,7 @@ from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
 from picker.scheduling.filters import HealthyFilter
 from picker.scheduling.interface import Filter, Picker, PickObserver, Scorer
+from picker.scheduling.model_filter import ServedModelFilter
 from picker.scheduling.pickers import TIE_TOLERANCE
 from picker.scheduling.registry import Instance, PluginContext, build_plugin, resolve
 from picker.telemetry import DECISIONS
@@ -50,13 +51,13 @@ class SchedulingResult:
 class Scheduler:
     """Runs one scheduling cycle per request with the plugins of the config's profile.
 
-    Built-in filters run first: fresh metrics (request control has applied the gateway's subset
-    hint to the candidates already).
+    Built-in filters run first: fresh metrics and the model the request names (request control
+    has applied the gateway's subset hint to the candidates already).
     """
 
     def __init__(self, config: SchedulingConfig, ctx: PluginContext) -> None:
         pipeline = resolve(config)
-        self.filters: list[Filter] = [HealthyFilter(ctx.metrics, ctx.clock)]
+        self.filters: list[Filter] = [HealthyFilter(ctx.metrics, ctx.clock), ServedModelFilter()]
         self.instances: tuple[Instance, ...] = pipeline.scorers
         self.scorers: list[Scorer] = [build_plugin(instance, ctx) for instance in pipeline.scorers]
         self.names: list[str] = [instance.name for instance in pipeline.scorers]

@@ -166,7 +166,8 @@ class LoraAffinityScorer:
 
     From `vllm:lora_requests_info`: 1.0 when the adapter is running there, 0.8 when it is not but
     a slot is free (adapters running or waiting, each counted once, fewer than `max_lora`), 0.6
-    when it is only waiting, else 0.
+    when it is only waiting, else 0. A base model an endpoint serves (its `/v1/models` says so)
+    is always loaded there: 1.0, so base-model requests are not steered by adapter slots.
     """
 
     name: ClassVar[str] = "lora-affinity-scorer"
@@ -179,7 +180,10 @@ class LoraAffinityScorer:
         scores = []
         for ep in candidates:
             m = ep.metrics
-            if m is None:
+            models = ep.models
+            if models is not None and model in models and models[model] is None:
+                scores.append(1.0)
+            elif m is None:
                 scores.append(0.0)
             elif model in m.running_loras:
                 scores.append(1.0)

@@ -136,6 +136,29 @@ async def test_invalid_json_gets_a_400_openai_error(fake_vllm, picker_server, en
     assert not any(r.requests for r in replicas)
 
 
+async def test_a_model_no_replica_serves_gets_a_404_openai_error(
+    fake_vllm, picker_server, envoy, client
+) -> None:
+    replicas = await fake_vllm(2)
+    picker = await picker_server([r.address for r in replicas])
+    proxy = await envoy("picker", endpoints=[r.address for r in replicas], picker=[picker.address])
+    assert await served_by(client, proxy.url, chat("known")) in {"0", "1"}
+    response = await client.post(proxy.url + CHAT, json=chat("q") | {"model": "gpt-4"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["type"] == "not_found_error" and error["message"] == "The model `gpt-4` does not exist."
+    assert [len(r.requests) for r in replicas].count(1) == 1  # only the first request arrived
+
+
+async def test_replicas_that_do_not_list_models_get_every_model_routed(
+    fake_vllm, picker_server, envoy, client
+) -> None:
+    replicas = await fake_vllm(2, lists_models=False)
+    picker = await picker_server([r.address for r in replicas])
+    proxy = await envoy("picker", endpoints=[r.address for r in replicas], picker=[picker.address])
+    assert await served_by(client, proxy.url, chat("q") | {"model": "any-model"}) in {"0", "1"}
+
+
 async def test_a_client_supplied_destination_header_is_overwritten(
     fake_vllm, picker_server, envoy, client
 ) -> None:

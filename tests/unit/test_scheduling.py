@@ -202,6 +202,15 @@ def test_lora_affinity_reference_scoring() -> None:
     assert got == [1.0, 0.8, 0.6, 0.0, 0.8, 0.0, 0.0]
 
 
+def test_lora_affinity_treats_a_served_base_model_as_loaded() -> None:
+    base = lora_endpoint("base", {"b", "c"}, set(), 2)  # slots full, but the base model is resident
+    base.models = {"llama": None, "b": "llama", "c": "llama"}
+    other = lora_endpoint("other", set(), set(), 2)
+    other.models = {"llama": None}
+    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="llama")) == [1.0, 1.0]
+    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="")) == [0.0, 0.0]
+
+
 def test_lora_affinity_steers_adapter_requests_in_the_scheduler() -> None:
     pool = pool_of({}, {}, {})
     for ep, running in zip(pool.endpoints, ({"x"}, {"a"}, set()), strict=True):
@@ -309,7 +318,7 @@ def test_default_config_builds_every_default_plugin() -> None:
         "lora-affinity-scorer",
     ]
     assert sched.weights == [2.0, 2.0, 1.0, 2.0, 3.0, 1.0]
-    assert [f.name for f in sched.filters] == ["healthy"]
+    assert [f.name for f in sched.filters] == ["healthy", "served-model"]
 
 
 def test_two_instances_of_one_scorer_are_named_apart_in_reasons() -> None:
