@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="full-duplex gateways: end the ext_proc stream with the request phase (close, the "
         "default) or hand every response chunk back (echo); overrides the config file",
     )
+    serve.add_argument(
+        "--conformance-hooks",
+        action="store_true",
+        help="honour the GIE conformance suite's test-epp-endpoint-selection request header and "
+        "report x-conformance-test-served-endpoint, keeping ext_proc streams open for it (off: a "
+        "client must not choose its replica)",
+    )
     serve.add_argument("--endpoints", help="static pool: comma-separated ip:port list of vLLM replicas")
     serve.add_argument("--pool-name", help="InferencePool to watch for endpoints")
     serve.add_argument(
@@ -153,7 +160,7 @@ def _print_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
     config = _config(args, parser)
     try:
-        resolve(config.scheduling)
+        resolve(config.scheduling, conformance_hooks=True)
         document = effective_document(config)
     except ValueError as exc:
         parser.error(str(exc))
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 cert_path=args.cert_path,
                 grace_period=args.grace_period,
                 log_prompts=args.log_prompts,
+                conformance_hooks=args.conformance_hooks,
             )
         )
     except ValueError as exc:  # plugins, parameters or profile the config names

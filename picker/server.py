@@ -38,6 +38,7 @@ class ServeOptions:
     cert_path: str | None = None
     grace_period: float = 25.0
     log_prompts: bool = False
+    conformance_hooks: bool = False  # the GIE conformance suite's request/response headers
 
 
 def _grpc_options(config: Config) -> list[tuple[str, int]]:
@@ -74,7 +75,7 @@ class PickerServer:
         config = options.config
         self.pool = EndpointPool()
         self.scraper = Scraper(self.pool, config.metrics)
-        self.scheduler = Scheduler.from_config(config, self.pool)
+        self.scheduler = Scheduler.from_config(config, self.pool, conformance_hooks=options.conformance_hooks)
         self.control = RequestControl(
             self.pool,
             self.scheduler,
@@ -83,7 +84,7 @@ class PickerServer:
             log_prompts=options.log_prompts,
             probe=self.scraper.probe,
         )
-        self.extproc = ExtProcService(self.control, config)
+        self.extproc = ExtProcService(self.control, config, conformance_hooks=options.conformance_hooks)
         self.health = Health()
         self._servers: list[grpc.aio.Server] = []
         self._services: list[asyncio.Task[None]] = []

@@ -39,7 +39,12 @@ from picker.scheduling.scorers import (
     SessionAffinityScorer,
 )
 
-Kind = Literal["scorer", "picker", "profile-handler", "data"]
+Kind = Literal["scorer", "picker", "profile-handler", "data", "conformance"]
+
+# The conformance suite's test plugins (kubernetes-sigs/gateway-api-inference-extension
+# conformance/resources): accepted only when picker runs with --conformance-hooks.
+CONFORMANCE_FILTER = "header-based-testing-filter"
+CONFORMANCE_VERIFIER = "destination-endpoint-served-verifier"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,8 @@ TYPES: dict[str, PluginType] = {
     "single-profile-handler": PluginType("profile-handler"),
     METRICS_DATA_SOURCE: PluginType("data", parameters=("scheme", "path", "insecureSkipVerify")),
     "core-metrics-extractor": PluginType("data"),
+    CONFORMANCE_FILTER: PluginType("conformance"),
+    CONFORMANCE_VERIFIER: PluginType("conformance"),
 }
 
 
@@ -99,11 +106,16 @@ class Pipeline:
     picker: Instance
 
 
-def resolve(config: SchedulingConfig) -> Pipeline:
+def resolve(config: SchedulingConfig, *, conformance_hooks: bool = False) -> Pipeline:
     """The one scheduling profile's scorers (weighted, in order) and picker; ValueError on any
     unknown type, parameter, reference, or a profile shape picker does not run."""
     instances = {spec.ref: _instance(spec) for spec in config.plugins}
     types = {spec.ref: spec.type for spec in config.plugins}
+    asked = [ref for ref, type_ in types.items() if TYPES[type_].kind == "conformance"]
+    if asked and not conformance_hooks:
+        raise ValueError(
+            f"plugins {asked} are conformance-test hooks: start picker with --conformance-hooks to use them"
+        )
     if len(config.profiles) != 1:
         raise ValueError(
             f"picker runs one scheduling profile; got {[p.name for p in config.profiles]} "
@@ -126,7 +138,7 @@ def resolve(config: SchedulingConfig) -> Pipeline:
             if picker is not None:
                 raise ValueError(f"{where}: two pickers ({picker.name!r}, {ref.plugin!r}); a profile has one")
             picker = instance
-        else:
+        elif kind != "conformance":  # the conformance filter may sit in the profile, as in the suite
             raise ValueError(f"{where}: {ref.plugin!r} is a {kind} plugin, not a scheduling step")
     if picker is None:  # the reference EPP's rule: a profile without one gets the max-score picker
         picker = _instance(PluginSpec(MaxScorePicker.name))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from picker.config import Config, SchedulingConfig
+from picker.conformance import EndpointSelectionFilter
 from picker.datalayer.endpoint import Endpoint
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
@@ -52,12 +53,17 @@ class Scheduler:
     """Runs one scheduling cycle per request with the plugins of the config's profile.
 
     Built-in filters run first: fresh metrics and the model the request names (request control
-    has applied the gateway's subset hint to the candidates already).
+    has applied the gateway's subset hint to the candidates already). With the conformance hooks
+    on, a request carrying the conformance suite's endpoint-selection header skips them and is
+    scheduled over exactly the endpoints it names.
     """
 
-    def __init__(self, config: SchedulingConfig, ctx: PluginContext) -> None:
-        pipeline = resolve(config)
+    def __init__(
+        self, config: SchedulingConfig, ctx: PluginContext, *, conformance_hooks: bool = False
+    ) -> None:
+        pipeline = resolve(config, conformance_hooks=conformance_hooks)
         self.filters: list[Filter] = [HealthyFilter(ctx.metrics, ctx.clock), ServedModelFilter()]
+        self.selecting: list[Filter] = [EndpointSelectionFilter()]
         self.instances: tuple[Instance, ...] = pipeline.scorers
         self.scorers: list[Scorer] = [build_plugin(instance, ctx) for instance in pipeline.scorers]
         self.names: list[str] = [instance.name for instance in pipeline.scorers]
@@ -76,10 +82,11 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        conformance_hooks: bool = False,
     ) -> Scheduler:
         """The scheduler the picker's config file describes, over `pool`."""
         ctx = PluginContext(pool, config.metrics, clock, rng or random.Random())
-        return cls(config.scheduling, ctx)
+        return cls(config.scheduling, ctx, conformance_hooks=conformance_hooks)
 
     def schedule(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> SchedulingResult | None:
         """Choose among `candidates` for `request`, or None when none survives the filters.
@@ -87,7 +94,7 @@ class Scheduler:
         Decides only: request control commits the decision and then tells `observers`.
         """
         candidates = list(candidates)
-        for flt in self.filters:
+        for flt in self.filters if request.endpoint_selection is None else self.selecting:
             candidates = flt.filter(request, candidates)
             if not candidates:
                 return None

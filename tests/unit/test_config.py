@@ -274,6 +274,10 @@ def test_durations_in_go_syntax_or_seconds() -> None:
             r"plain http only",
         ),
         (
+            epp("header-based-testing-filter"),
+            r"conformance-test hooks: start picker with --conformance-hooks",
+        ),
+        (
             epp("queue-scorer", saturationDetector={"metricsStalenessThreshold": "soon"}),
             r"metricsStalenessThreshold",
         ),
@@ -288,6 +292,22 @@ def test_durations_in_go_syntax_or_seconds() -> None:
 def test_bad_config_is_a_clear_error_at_start_up(doc: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Scheduler.from_config(Config.from_document(doc), EndpointPool())
+
+
+def test_the_conformance_suites_own_config_loads_with_the_hooks_on() -> None:
+    suite = """
+    apiVersion: inference.networking.x-k8s.io/v1alpha1
+    kind: EndpointPickerConfig
+    plugins:
+    - type: header-based-testing-filter
+    - type: destination-endpoint-served-verifier
+    schedulingProfiles:
+    - name: conformance-profile
+      plugins:
+      - pluginRef: header-based-testing-filter
+    """
+    sched = build(suite, conformance_hooks=True)
+    assert sched.names == [] and isinstance(sched.picker, MaxScorePicker)
 
 
 def test_serve_rejects_a_bad_config_before_starting(tmp_path: Path) -> None:
