@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-import pytest
-
 from picker.conformance import SELECTED_HEADER, SELECTION_HEADER, SERVED_HEADER
 
 CHAT = "/v1/chat/completions"
@@ -38,12 +35,6 @@ def report_served(config: dict[str, Any]) -> None:
         },
     }
     filters.insert(len(filters) - 1, lua)  # just before the router
-
-
-@pytest.fixture
-async def client():
-    async with httpx.AsyncClient(timeout=30.0) as http:
-        yield http
 
 
 async def test_selection_header_steers_and_the_served_endpoint_is_reported(

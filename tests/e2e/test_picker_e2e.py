@@ -26,12 +26,6 @@ async def served_by(client: httpx.AsyncClient, url: str, body: dict[str, Any], *
     return response.headers["x-sim-replica"]
 
 
-@pytest.fixture
-async def client():
-    async with httpx.AsyncClient(timeout=30.0) as http:
-        yield http
-
-
 async def test_routes_to_the_least_loaded_replica_by_scraped_metrics(
     fake_vllm, picker_server, envoy, client
 ) -> None:

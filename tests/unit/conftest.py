@@ -1,10 +1,24 @@
-"""Helpers for the unit tests: EndpointPickerConfig documents built from a few scorer entries."""
+"""Helpers for the unit tests: pools of endpoints, and EndpointPickerConfig documents."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from picker.datalayer.endpoint import EngineMetrics
+from picker.datalayer.pool import EndpointPool
+
 API_VERSION = "inference.networking.x-k8s.io/v1alpha1"
+NOW = 1000.0  # the tests' frozen clock: every pool_of endpoint was scraped then
+
+
+def pool_of(*loads: dict[str, Any]) -> EndpointPool:
+    """A pool of fresh endpoints 10.0.0.<i>:8000 with the given metrics fields."""
+    pool = EndpointPool()
+    pool.set_addresses(f"10.0.0.{i}:8000" for i in range(len(loads)))
+    for ep, fields in zip(pool.endpoints, loads, strict=True):
+        ep.metrics = EngineMetrics(**fields)
+        ep.scraped_at = NOW
+    return pool
 
 
 def epp(

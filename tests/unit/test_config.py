@@ -12,26 +12,15 @@ import pytest
 import yaml
 
 from picker.config import Config, LimitsConfig, MetricsConfig, SaturationConfig, duration_seconds
-from picker.datalayer.endpoint import EngineMetrics
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
 from picker.scheduling.pickers import MaxScorePicker
 from picker.scheduling.registry import effective_document
 from picker.scheduling.scheduler import Scheduler
 from picker.scheduling.scorers import PrefixCacheScorer
-from tests.unit.conftest import epp
+from tests.unit.conftest import NOW, epp, pool_of
 
 SHIPPED = Path(__file__).parents[2] / "gateway" / "base" / "config.yaml"
-NOW = 1000.0
-
-
-def pool_of(*loads: dict[str, Any]) -> EndpointPool:
-    pool = EndpointPool()
-    pool.set_addresses(f"10.0.0.{i}:8000" for i in range(len(loads)))
-    for ep, fields in zip(pool.endpoints, loads, strict=True):
-        ep.metrics = EngineMetrics(**fields)
-        ep.scraped_at = NOW
-    return pool
 
 
 def build(text: str, pool: EndpointPool | None = None, **options: Any) -> Scheduler:

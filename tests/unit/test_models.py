@@ -14,8 +14,7 @@ from picker.errors import Refusal
 from picker.request import InferenceRequest
 from picker.requestcontrol import Decision, RequestControl
 from picker.scheduling.scheduler import Scheduler
-
-NOW = 1000.0
+from tests.unit.conftest import NOW, pool_of
 
 
 def vllm_models(base: str, *adapters: str) -> bytes:
@@ -65,10 +64,9 @@ def test_only_a_pool_that_has_told_can_refuse_a_model() -> None:
 
 
 def pool_with(*models: dict[str, str | None] | None) -> EndpointPool:
-    pool = EndpointPool()
-    pool.set_addresses(f"10.0.0.{i}:8000" for i in range(len(models)))
+    pool = pool_of(*({} for _ in models))
     for ep, served in zip(pool.endpoints, models, strict=True):
-        ep.metrics, ep.scraped_at, ep.models = EngineMetrics(), NOW, served
+        ep.models = served
     return pool
 
 

@@ -23,9 +23,7 @@ from picker.scheduling.scorers import (
     SessionAffinityScorer,
 )
 from picker.telemetry import REGISTRY
-from tests.unit.conftest import epp
-
-NOW = 1000.0
+from tests.unit.conftest import NOW, epp, pool_of
 
 
 class FakeClock:
@@ -40,16 +38,6 @@ def endpoint(address: str, waiting: float | None = 0.0, kv: float = 0.0, infligh
     """A fresh endpoint (scraped at NOW); waiting=None means no metrics yet."""
     metrics = None if waiting is None else EngineMetrics(waiting=waiting, kv_usage=kv)
     return Endpoint(address, metrics=metrics, scraped_at=NOW, inflight_requests=inflight)
-
-
-def pool_of(*loads: dict[str, Any]) -> EndpointPool:
-    """A pool of fresh endpoints 10.0.0.<i>:8000 with the given metrics fields."""
-    pool = EndpointPool()
-    pool.set_addresses(f"10.0.0.{i}:8000" for i in range(len(loads)))
-    for ep, fields in zip(pool.endpoints, loads, strict=True):
-        ep.metrics = EngineMetrics(**fields)
-        ep.scraped_at = NOW
-    return pool
 
 
 def scheduler(pool: EndpointPool, doc: dict[str, Any] | None = None, seed: int = 0) -> Scheduler:
