@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 grace_period=args.grace_period,
                 log_prompts=args.log_prompts,
                 conformance_hooks=args.conformance_hooks,
+                pool_name=args.pool_name or "",
             )
         )
     except ValueError as exc:  # plugins, parameters or profile the config names

@@ -25,10 +25,14 @@ from picker.scheduling.filters import HealthyFilter
 from picker.scheduling.interface import Filter, Picker, PickObserver, Scorer
 from picker.scheduling.model_filter import ServedModelFilter
 from picker.scheduling.pickers import TIE_TOLERANCE
+from picker.scheduling.prefix import PrefixIndex
 from picker.scheduling.registry import Instance, PluginContext, build_plugin, resolve
+from picker.scheduling.scorers import PrefixCacheScorer
 from picker.telemetry import DECISIONS
 
 DECISIONS_KEPT = 100  # decisions /debug/decisions can show
+MODELS_COUNTED = 1000  # distinct model names counted per model; the rest count as OTHER_MODELS
+OTHER_MODELS = "other"
 
 
 class DecisionRecord(NamedTuple):
@@ -73,6 +77,7 @@ class Scheduler:
             plugin for plugin in (*self.scorers, self.picker) if callable(getattr(plugin, "on_pick", None))
         ]
         self.recent: deque[DecisionRecord] = deque(maxlen=DECISIONS_KEPT)
+        self.requests_by_model: dict[str, int] = {}  # routed requests (reference_metrics exports)
 
     @classmethod
     def from_config(
@@ -106,10 +111,21 @@ class Scheduler:
         winner = chosen[0]
         reason = self._reason(candidates, totals, columns, winner)
         DECISIONS.labels(winner.address, reason).inc()
-        self.recent.append(
-            DecisionRecord(time.time(), request.model, candidates, columns, totals, chosen, reason)
-        )
+        model = request.model
+        self.recent.append(DecisionRecord(time.time(), model, candidates, columns, totals, chosen, reason))
+        by_model = self.requests_by_model
+        if model not in by_model and len(by_model) >= MODELS_COUNTED:  # client-chosen: bound it
+            model = OTHER_MODELS
+        by_model[model] = by_model.get(model, 0) + 1
         return SchedulingResult(chosen, reason)
+
+    def prefix_indexes(self) -> dict[str, PrefixIndex]:
+        """Each prefix-cache scorer instance's index, by instance name."""
+        return {
+            name: scorer.index
+            for name, scorer in zip(self.names, self.scorers, strict=True)
+            if isinstance(scorer, PrefixCacheScorer)
+        }
 
     def _reason(
         self,
