@@ -38,6 +38,37 @@ async def test_routes_to_the_least_loaded_replica_by_scraped_metrics(
     assert served == ["1"] * 6
 
 
+LLM_D_KV_ONLY = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: kv-cache-utilization-scorer
+- type: metrics-data-source
+  parameters: {scheme: http, path: /metrics}
+- type: core-metrics-extractor
+- type: single-profile-handler
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+"""
+
+
+async def test_an_llm_d_config_file_routes_as_it_says(
+    fake_vllm, picker_server, envoy, client, tmp_path
+) -> None:
+    replicas = await fake_vllm(3)
+    # By queue replica 0 is best; this config weighs free KV cache only, where 2 is best.
+    for replica, waiting, kv in zip(replicas, (0, 5, 20), (0.9, 0.5, 0.1), strict=True):
+        replica.metrics.waiting, replica.metrics.kv_usage = waiting, kv
+    path = tmp_path / "epp.yaml"
+    path.write_text(LLM_D_KV_ONLY)
+    picker = await picker_server([r.address for r in replicas], "--config-file", str(path))
+    proxy = await envoy("picker", endpoints=[r.address for r in replicas], picker=[picker.address])
+    assert [await served_by(client, proxy.url, chat(f"q{i}")) for i in range(4)] == ["2"] * 4
+
+
 async def test_a_long_shared_prefix_sticks_while_different_prefixes_spread(
     fake_vllm, picker_server, envoy, client
 ) -> None:
