@@ -20,7 +20,8 @@ from picker.scheduling.scheduler import Scheduler
 from picker.scheduling.scorers import PrefixCacheScorer
 from tests.unit.conftest import NOW, epp, pool_of
 
-SHIPPED = Path(__file__).parents[2] / "gateway" / "base" / "config.yaml"
+ROOT = Path(__file__).parents[2]
+SHIPPED = ROOT / "gateway" / "base" / "config.yaml"
 
 
 def build(text: str, pool: EndpointPool | None = None, **options: Any) -> Scheduler:
@@ -58,6 +59,15 @@ def test_picker_config_prints_the_effective_configuration() -> None:
     assert doc["plugins"] == [{"type": "queue-scorer", "parameters": {"minSpan": 4.0}}]
     assert doc["schedulingProfiles"] == [{"name": "default", "plugins": [{"pluginRef": "queue-scorer"}]}]
     assert doc["metrics"]["scrapeInterval"] == Config().metrics.scrape_interval
+
+
+def test_the_readmes_example_runs_as_it_reads() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Configuration") :]
+    example = section[section.index("```yaml\n") + 8 : section.index("```\n", section.index("```yaml"))]
+    sched = build(example)
+    assert sched.names == ["queue-scorer", "lora-affinity-scorer", "prefix-cache-scorer", "tokens-in-flight"]
+    assert sched.weights == [1.0, 3.0, 2.0, 1.0]
 
 
 # --- reference documents ------------------------------------------------------------------------
