@@ -12,25 +12,10 @@ import httpx
 import pytest
 
 from loadtest.sim import REPLICA_HEADER, SimProcess
+from tests.unit.test_config import LORA_SERVING  # the reference-style LoRA profile: lora 3, queue 1
 
 BASE = "base-llm"
 ADAPTERS = ("sql", "chat", "code")
-# The reference-style LoRA serving profile: adapter affinity outweighs queue length.
-CONFIG = """
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-  - type: single-profile-handler
-  - type: queue-scorer
-  - type: lora-affinity-scorer
-  - type: max-score-picker
-schedulingProfiles:
-  - name: default
-    plugins:
-      - {pluginRef: queue-scorer, weight: 1}
-      - {pluginRef: lora-affinity-scorer, weight: 3}
-      - {pluginRef: max-score-picker}
-"""
 
 
 @pytest.fixture
@@ -61,7 +46,7 @@ async def running_loras(client: httpx.AsyncClient, debug: str) -> dict[str, list
 
 
 async def test_adapter_requests_follow_the_loaded_adapter(pool, picker_server, envoy, client) -> None:
-    picker = await picker_server(pool, "--config-text", CONFIG)
+    picker = await picker_server(pool, "--config-text", LORA_SERVING)
     proxy = await envoy("picker", endpoints=pool, picker=[picker.address])
     debug = f"http://127.0.0.1:{picker.metrics_port}/debug/endpoints"
     url = proxy.url + "/v1/completions"
