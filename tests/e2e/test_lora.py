@@ -20,18 +20,8 @@ ADAPTERS = ("sql", "chat", "code")
 
 @pytest.fixture
 async def pool() -> AsyncIterator[list[str]]:
-    args = (
-        "--replicas",
-        "3",
-        "--port",
-        "0",
-        "--model",
-        BASE,
-        "--lora",
-        ",".join(ADAPTERS),
-        "--max-loras",
-        "1",
-    )
+    args = ("--replicas", "3", "--port", "0", "--model", BASE)
+    args += ("--lora", ",".join(ADAPTERS), "--max-loras", "1")
     async with SimProcess(*args) as sim:
         yield sim.addresses
 
