@@ -9,14 +9,16 @@ from picker.conformance import SELECTED_HEADER, SELECTION_HEADER, SERVED_HEADER
 CHAT = "/v1/chat/completions"
 BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "Write as if you were a critic"}]}
 
-# A gateway reports the endpoint that served the request in `envoy.lb` metadata. Envoy alone does
-# not, so a Lua filter (after the picker, where the destination is final) writes it, and the
-# ext_proc filter forwards that namespace with the response headers.
+# A gateway reports the endpoint that served the request in `envoy.lb` metadata; Envoy alone does
+# not. Here the route names the upstream that answered in a response header, a Lua filter (after
+# the picker, so before it on the response path) moves it into that metadata, and the ext_proc
+# filter forwards the namespace with the response headers.
 SERVED_LUA = """
-function envoy_on_request(handle)
-  local served = handle:headers():get("x-gateway-destination-endpoint")
+function envoy_on_response(handle)
+  local served = handle:headers():get("x-upstream-served")
   if served then
     handle:streamInfo():dynamicMetadata():set("envoy.lb", "x-gateway-destination-endpoint-served", served)
+    handle:headers():remove("x-upstream-served")
   end
 end
 """
@@ -24,6 +26,10 @@ end
 
 def report_served(config: dict[str, Any]) -> None:
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for host in manager["route_config"]["virtual_hosts"]:
+        for route in host["routes"]:
+            served = {"header": {"key": "x-upstream-served", "value": "%UPSTREAM_REMOTE_ADDRESS%"}}
+            route["response_headers_to_add"] = [served]
     filters = manager["http_filters"]
     extproc = next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc")
     extproc["typed_config"]["metadata_options"]["forwarding_namespaces"]["untyped"].append("envoy.lb")
@@ -44,7 +50,7 @@ async def test_selection_header_steers_and_the_served_endpoint_is_reported(
     replicas[2].metrics.waiting = 50  # never the picker's own choice
     addresses = [r.address for r in replicas]
     picker = await picker_server(addresses, "--conformance-hooks")
-    proxy = await envoy("duplex", endpoints=addresses, picker=[picker.address], customize=report_served)
+    proxy = await envoy("gie", endpoints=addresses, picker=[picker.address], customize=report_served)
     for _ in range(4):
         response = await client.post(proxy.url + CHAT, json=BODY, headers={SELECTION_HEADER: addresses[2]})
         assert response.status_code == 200 and response.headers["x-sim-replica"] == "2"
@@ -67,7 +73,7 @@ async def test_without_the_flag_the_header_steers_nothing(fake_vllm, picker_serv
     replicas[2].metrics.waiting = 50
     addresses = [r.address for r in replicas]
     picker = await picker_server(addresses)
-    proxy = await envoy("duplex", endpoints=addresses, picker=[picker.address], customize=report_served)
+    proxy = await envoy("gie", endpoints=addresses, picker=[picker.address], customize=report_served)
     for _ in range(4):
         response = await client.post(proxy.url + CHAT, json=BODY, headers={SELECTION_HEADER: addresses[2]})
         assert response.status_code == 200 and response.headers["x-sim-replica"] != "2"

@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from loadtest.sim import REPLICA_HEADER, SimProcess
+from loadtest.processes import SimProcess
 from tests.unit.test_config import LORA_SERVING  # the reference-style LoRA profile: lora 3, queue 1
+from vllm_sim import REPLICA_HEADER
 
 BASE = "base-llm"
 ADAPTERS = ("sql", "chat", "code")
@@ -20,8 +21,8 @@ ADAPTERS = ("sql", "chat", "code")
 
 @pytest.fixture
 async def pool() -> AsyncIterator[list[str]]:
-    args = ("--replicas", "3", "--port", "0", "--model", BASE)
-    args += ("--lora", ",".join(ADAPTERS), "--max-loras", "1")
+    args = ("--replicas", "3", "--port", "0", "--model", BASE, "--max-loras", "1")
+    args += ("--lora-modules", *(f"{name}=/loras/{name}" for name in ADAPTERS))  # vLLM's spelling
     async with SimProcess(*args) as sim:
         yield sim.addresses
 
