@@ -2,9 +2,9 @@
 
 `/debug/endpoints`: what the picker knows of each replica (freshness, scraped load, KV and LoRA
 state, models served, its own in-flight counts, prefix blocks per prefix-scorer instance).
-`/debug/decisions`: the last decisions, newest first: model, the pick and fallbacks, the reason,
-and every candidate's score from every scorer instance with the weighted total. Answers the
-operator's "why did this request go there?".
+`/debug/decisions`: the last decisions, newest first: model, how many endpoints passed the
+filters, the reason, and for the pick, its fallbacks and the runner-up every scorer instance's
+score with the weighted total. Answers the operator's "why did this request go there?".
 
 Nothing here carries prompt text: a decision keeps the model name, addresses and numbers only
 (see `scheduler.Decision`). The server runs in its own thread, like prometheus_client's; it reads
@@ -74,22 +74,19 @@ def decisions_view(scheduler: Scheduler) -> dict[str, Any]:
     names = scheduler.names
     decisions = []
     for decision in reversed(list(scheduler.recent)):
-        columns, totals, candidates = decision.columns, decision.totals, decision.candidates
-        rank = {ep: i for i, ep in enumerate(decision.chosen)}  # ties: the picker's order
-        order = sorted(range(len(candidates)), key=lambda i: (-totals[i], rank.get(candidates[i], len(rank))))
         decisions.append(
             {
                 "time": datetime.datetime.fromtimestamp(decision.at, datetime.UTC).isoformat(),
                 "model": decision.model,
-                "picked": [ep.address for ep in decision.chosen],
+                "candidates": decision.candidates,
                 "reason": decision.reason,
-                "candidates": [
+                "considered": [  # the pick, its fallbacks, then the runner-up
                     {
-                        "endpoint": decision.candidates[i].address,
-                        "total": decision.totals[i],
-                        "scores": {name: column[i] for name, column in zip(names, columns, strict=True)},
+                        "endpoint": row.endpoint.address,
+                        "total": row.total,
+                        "scores": dict(zip(names, row.scores, strict=True)),
                     }
-                    for i in order
+                    for row in decision.considered
                 ],
             }
         )

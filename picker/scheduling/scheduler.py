@@ -2,8 +2,8 @@
 
 Called once per request on the ext_proc server's event loop, so one `schedule` is synchronous and
 O(endpoints + prompt blocks): lists of floats, no logging, no per-candidate dicts. The last
-decisions are kept for `/debug/decisions` as references to what the cycle built anyway (one tuple
-appended to a bounded deque), and rendered only when someone asks.
+decisions are kept for `/debug/decisions` as a few small tuples each in a bounded deque, and
+rendered only when someone asks.
 """
 
 from __future__ import annotations
@@ -35,15 +35,21 @@ MODELS_COUNTED = 1000  # distinct model names counted per model; the rest count 
 OTHER_MODELS = "other"
 
 
+class Considered(NamedTuple):
+    endpoint: Endpoint
+    total: float  # the weighted sum
+    scores: tuple[float, ...]  # one per scorer instance, in `Scheduler.names` order
+
+
 class DecisionRecord(NamedTuple):
-    """One scheduling cycle as it happened: no request text beyond the model name."""
+    """One scheduling cycle, kept small: the endpoints it came down to (the pick, its fallbacks,
+    the runner-up) with every scorer's score, not the whole pool, so a hundred records of a large
+    pool pin a few hundred objects, not megabytes. No request text beyond the model name."""
 
     at: float  # time.time()
     model: str
-    candidates: list[Endpoint]
-    columns: list[Sequence[float]]  # one score per candidate, per scorer instance
-    totals: list[float]
-    chosen: list[Endpoint]
+    candidates: int  # endpoints that passed the filters
+    considered: tuple[Considered, ...]  # the pick, its fallbacks, then the runner-up if not one
     reason: str
 
 
@@ -108,11 +114,17 @@ class Scheduler:
         for weight, column in zip(self.weights, columns, strict=True):
             totals = [t + weight * s for t, s in zip(totals, column, strict=True)]
         chosen = self.picker.pick(candidates, totals)
-        winner = chosen[0]
-        reason = self._reason(candidates, totals, columns, winner)
-        DECISIONS.labels(winner.address, reason).inc()
+        shown = [candidates.index(endpoint) for endpoint in chosen]
+        runner_up = self._runner_up(totals, shown[0])
+        reason = self._reason(totals, columns, shown[0], runner_up)
+        DECISIONS.labels(chosen[0].address, reason).inc()
+        if runner_up is not None and runner_up not in shown:
+            shown.append(runner_up)
+        considered = tuple(
+            Considered(candidates[i], totals[i], tuple([c[i] for c in columns])) for i in shown
+        )
         model = request.model
-        self.recent.append(DecisionRecord(time.time(), model, candidates, columns, totals, chosen, reason))
+        self.recent.append(DecisionRecord(time.time(), model, len(candidates), considered, reason))
         by_model = self.requests_by_model
         if model not in by_model and len(by_model) >= MODELS_COUNTED:  # client-chosen: bound it
             model = OTHER_MODELS
@@ -127,22 +139,24 @@ class Scheduler:
             if isinstance(scorer, PrefixCacheScorer)
         }
 
-    def _reason(
-        self,
-        candidates: list[Endpoint],
-        totals: list[float],
-        columns: list[Sequence[float]],
-        winner: Endpoint,
-    ) -> str:
-        """The scorer whose weighted contribution most separated the winner from the runner-up."""
-        if len(candidates) == 1:
-            return "only-candidate"
-        win = candidates.index(winner)
+    @staticmethod
+    def _runner_up(totals: list[float], win: int) -> int | None:
+        """The position of the best total after the winner's; None when there is no other."""
+        if len(totals) == 1:
+            return None
         best = totals[win]
         totals[win] = -math.inf
         runner_up = totals.index(max(totals))
         totals[win] = best
-        if best - totals[runner_up] <= TIE_TOLERANCE or not self.scorers:
+        return runner_up
+
+    def _reason(
+        self, totals: list[float], columns: list[Sequence[float]], win: int, runner_up: int | None
+    ) -> str:
+        """The scorer whose weighted contribution most separated the winner from the runner-up."""
+        if runner_up is None:
+            return "only-candidate"
+        if totals[win] - totals[runner_up] <= TIE_TOLERANCE or not self.scorers:
             return "tie"
         gaps = [w * (col[win] - col[runner_up]) for w, col in zip(self.weights, columns, strict=True)]
         return self.names[gaps.index(max(gaps))]

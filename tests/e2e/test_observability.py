@@ -114,10 +114,10 @@ async def test_debug_views_explain_decisions_without_prompt_text(observed) -> No
     assert "prefix-cache-scorer" in names and "lora-affinity-scorer" in names
     assert len(decisions["decisions"]) == 3  # the refused request was never scheduled
     for decision in decisions["decisions"]:
-        assert decision["model"] == "fake-model" and decision["picked"][0] in addresses
-        assert decision["candidates"][0]["endpoint"] == decision["picked"][0]  # best first
-        for candidate in decision["candidates"]:
-            assert set(candidate["scores"]) == set(names)
+        assert decision["model"] == "fake-model" and decision["candidates"] == 2
+        assert {row["endpoint"] for row in decision["considered"]} == set(addresses)  # pick, fallback
+        for row in decision["considered"]:
+            assert set(row["scores"]) == set(names)
     endpoints = {row["address"]: row for row in json.loads(pages["/debug/endpoints"])["endpoints"]}
     assert set(endpoints) == set(addresses)
     for row in endpoints.values():

@@ -43,11 +43,23 @@ def test_each_named_instance_reports_its_own_scores() -> None:
         {"name": "short-prefixes", "type": "prefix-cache-scorer", "weight": 1.0},
     ]
     (decision,) = view["decisions"]
-    assert decision["picked"][0] == a.address and decision["reason"] == "tokens"
-    by_endpoint = {c["endpoint"]: c for c in decision["candidates"]}
+    assert decision["reason"] == "tokens" and decision["candidates"] == 2
+    assert [c["endpoint"] for c in decision["considered"]] == [a.address, b.address]  # pick, fallback
+    by_endpoint = {c["endpoint"]: c for c in decision["considered"]}
     assert by_endpoint[a.address]["scores"] == {"requests": 0.5, "tokens": 1.0, "short-prefixes": 0.0}
     assert by_endpoint[b.address]["scores"] == {"requests": 1.0, "tokens": 0.0, "short-prefixes": 0.0}
     assert by_endpoint[a.address]["total"] == 2.5 and by_endpoint[b.address]["total"] == 1.0
+
+
+def test_a_decision_keeps_the_pick_and_runner_up_not_the_whole_pool() -> None:
+    pool = pool_of(*({"waiting": float(i)} for i in range(12)))
+    doc = epp({"type": "queue-scorer", "parameters": {"minSpan": 0}}, picker={"maxNumOfEndpoints": 1})
+    sched = Scheduler.from_config(Config.from_document(doc), pool, clock=lambda: NOW)
+    assert sched.schedule(InferenceRequest(model="m"), pool.endpoints) is not None
+    (decision,) = decisions_view(sched)["decisions"]
+    assert decision["candidates"] == 12 and decision["reason"] == "queue-scorer"
+    rows = [(row["endpoint"], row["scores"]["queue-scorer"]) for row in decision["considered"]]
+    assert rows == [(pool.endpoints[0].address, 1.0), (pool.endpoints[1].address, 1 - 1 / 11)]
 
 
 def test_the_last_decisions_are_kept_newest_first_and_bounded() -> None:
