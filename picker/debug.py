@@ -82,11 +82,11 @@ def decisions_view(scheduler: Scheduler) -> dict[str, Any]:
                 "reason": decision.reason,
                 "considered": [  # the pick, its fallbacks, then the runner-up
                     {
-                        "endpoint": row.endpoint.address,
-                        "total": row.total,
-                        "scores": dict(zip(names, row.scores, strict=True)),
+                        "endpoint": endpoint.address,
+                        "total": total,
+                        "scores": dict(zip(names, scores, strict=True)),
                     }
-                    for row in decision.considered
+                    for endpoint, total, scores in decision.rows()
                 ],
             }
         )

@@ -60,6 +60,12 @@ def test_a_decision_keeps_the_pick_and_runner_up_not_the_whole_pool() -> None:
     assert decision["candidates"] == 12 and decision["reason"] == "queue-scorer"
     rows = [(row["endpoint"], row["scores"]["queue-scorer"]) for row in decision["considered"]]
     assert rows == [(pool.endpoints[0].address, 1.0), (pool.endpoints[1].address, 1 - 1 / 11)]
+    assert sched.schedule(InferenceRequest(model="m"), pool.endpoints[5:6]) is not None
+    alone = decisions_view(sched)["decisions"][0]
+    assert alone["candidates"] == 1 and alone["reason"] == "only-candidate"
+    assert alone["considered"] == [
+        {"endpoint": pool.endpoints[5].address, "total": 1.0, "scores": {"queue-scorer": 1.0}}
+    ]
 
 
 def test_the_last_decisions_are_kept_newest_first_and_bounded() -> None:
