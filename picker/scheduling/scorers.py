@@ -177,20 +177,22 @@ class LoraAffinityScorer:
         model = request.model
         if not model:
             return [0.0] * len(candidates)
-        scores = []
+        scores: list[float] = []
+        append = scores.append
         for ep in candidates:
-            m = ep.metrics
             models = ep.models
             if models is not None and model in models and models[model] is None:
-                scores.append(1.0)
-            elif m is None:
-                scores.append(0.0)
+                append(1.0)  # a base model it serves
+                continue
+            m = ep.metrics
+            if m is None or m.max_lora is None:  # no LoRA there (or not known yet)
+                append(0.0)
             elif model in m.running_loras:
-                scores.append(1.0)
-            elif m.max_lora is not None and m.loaded_loras < m.max_lora:
-                scores.append(0.8)
+                append(1.0)
+            elif m.loaded_loras < m.max_lora:
+                append(0.8)
             else:
-                scores.append(0.6 if model in m.waiting_loras else 0.0)
+                append(0.6 if model in m.waiting_loras else 0.0)
         return scores
 
 
