@@ -1,11 +1,12 @@
 """In-process decision latency: one full scheduling cycle per request, as the ext_proc server runs it.
 
 A cycle is `apply_body` on an OpenAI chat body (orjson parse, prompt prefix join), then
-`RequestControl.decide` with the default plugins (filters, queue / KV / in-flight / prefix
-scorers, max-score picker, holding the load, the prefix index recording the pick). The index is
-warmed first with requests from groups sharing long system prompts, decisions are released a
-while later and each endpoint is "scraped" in turn (outside the timing), as in the server, so the
-in-flight scorer and the load guard see real numbers.
+`RequestControl.decide` with the default plugins (filters, queue / KV / in-flight / latency /
+prefix / LoRA scorers, max-score picker, holding the load, the prefix index recording the pick,
+the decision kept for /debug/decisions). The index is warmed first with requests from groups
+sharing long system prompts, decisions are released a while later and each endpoint is "scraped"
+in turn (outside the timing), as in the server, so the in-flight scorer and the load guard see
+real numbers.
 
     python -m loadtest bench-decision --out DIR    # writes DIR/bench_decision.json, prints a table
 """

@@ -53,9 +53,12 @@ async def _model(http: httpx.AsyncClient, address: str) -> str:
 
 @contextlib.asynccontextmanager
 async def idle_picker(endpoints: Sequence[str], log: Path, interval: float) -> AsyncIterator[int]:
-    config = log.with_suffix(".yaml")
-    config.write_text(f"metrics: {{scrape_interval: {interval}, stale_after: {max(2.0, 3 * interval)}}}\n")
-    async with start_picker(endpoints, log, ("--config-file", str(config))) as picker:
+    config = (
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
+        f"metrics: {{scrapeInterval: {interval}}}\n"
+        f"saturationDetector: {{metricsStalenessThreshold: {max(2.0, 3 * interval)}}}\n"
+    )
+    async with start_picker(endpoints, log, ("--config-text", config)) as picker:
         yield picker.pid
 
 

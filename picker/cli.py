@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from picker.config import Config
+from picker.config import RESPONSE_PROCESSING, Config
 from picker.discovery.source import EndpointSource
 from picker.discovery.static import StaticSource, parse_endpoints
 
@@ -83,14 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--cert-path", help="directory with tls.crt and tls.key to serve instead of a self-signed one"
     )
-    serve.add_argument(
-        "--config-file", help="YAML: scorers and weights, objectives, thresholds (see picker.config)"
-    )
+    _config_arguments(serve)
     serve.add_argument(
         "--response-processing",
-        choices=("close", "echo"),
+        choices=RESPONSE_PROCESSING,
         help="full-duplex gateways: end the ext_proc stream with the request phase (close, the "
         "default) or hand every response chunk back (echo); overrides the config file",
+    )
+    serve.add_argument(
+        "--conformance-hooks",
+        action="store_true",
+        help="honour the GIE conformance suite's test-epp-endpoint-selection request header and "
+        "report x-conformance-test-served-endpoint, keeping ext_proc streams open for it (off: a "
+        "client must not choose its replica)",
     )
     serve.add_argument("--endpoints", help="static pool: comma-separated ip:port list of vLLM replicas")
     serve.add_argument("--pool-name", help="InferencePool to watch for endpoints")
@@ -121,7 +126,46 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="include prompt text in debug logs (off: logs never carry prompts)",
     )
+    show = commands.add_parser(
+        "config",
+        help="print the effective configuration",
+        description="Print the configuration picker would run, as a complete EndpointPickerConfig: "
+        "every plugin with all its parameters (the defaults without --config-file/--config-text).",
+    )
+    _config_arguments(show)
     return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument(
+        "--config-file",
+        help="an EndpointPickerConfig (GIE or llm-d) with picker's own sections; see "
+        "gateway/base/config.yaml for every setting",
+    )
+    given.add_argument("--config-text", help="the same document inline")
+
+
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    try:
+        return Config.load(args.config_file, args.config_text)
+    except (OSError, ValueError) as exc:
+        parser.error(f"{'--config-file' if args.config_file else '--config-text'}: {exc}")
+
+
+def _print_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import yaml
+
+    from picker.scheduling.registry import effective_document, resolve
+
+    config = _config(args, parser)
+    try:
+        resolve(config.scheduling, conformance_hooks=True)
+        document = effective_document(config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    sys.stdout.write(yaml.safe_dump(document, sort_keys=False))
+    return 0
 
 
 def _source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EndpointSource:
@@ -148,32 +192,36 @@ def _source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Endpoi
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "config":
+        return _print_config(args, parser)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     source = _source(args, parser)
-    try:
-        config = Config.load(args.config_file)
-    except (OSError, ValueError) as exc:
-        parser.error(f"--config-file: {exc}")
+    config = _config(args, parser)
     if args.response_processing is not None:
         config = dataclasses.replace(config, response_processing=args.response_processing)
     from picker.server import PickerServer, ServeOptions
 
-    server = PickerServer(
-        ServeOptions(
-            source=source,
-            config=config,
-            bind_address=args.bind_address,
-            grpc_port=args.grpc_port,
-            grpc_health_port=args.grpc_health_port,
-            metrics_port=args.metrics_port,
-            secure_serving=args.secure_serving,
-            cert_path=args.cert_path,
-            grace_period=args.grace_period,
-            log_prompts=args.log_prompts,
+    try:
+        server = PickerServer(
+            ServeOptions(
+                source=source,
+                config=config,
+                bind_address=args.bind_address,
+                grpc_port=args.grpc_port,
+                grpc_health_port=args.grpc_health_port,
+                metrics_port=args.metrics_port,
+                secure_serving=args.secure_serving,
+                cert_path=args.cert_path,
+                grace_period=args.grace_period,
+                log_prompts=args.log_prompts,
+                conformance_hooks=args.conformance_hooks,
+                pool_name=args.pool_name or "",
+            )
         )
-    )
+    except ValueError as exc:  # plugins, parameters or profile the config names
+        parser.error(f"configuration: {exc}")
     try:
         import uvloop
     except ImportError:

@@ -30,6 +30,8 @@ class InferenceRequest:
     session_key: str | None = None
     # `ip:port` set from the gateway's `envoy.lb.subset_hint`; None means "no hint given".
     subset: frozenset[str] | None = None
+    # The conformance suite's `test-epp-endpoint-selection` (read only with --conformance-hooks).
+    endpoint_selection: str | None = None
     model: str = ""
     prompt: str = ""
     prompt_chars: int = 0

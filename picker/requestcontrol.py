@@ -19,6 +19,7 @@ from picker import telemetry
 from picker.admission import Admission
 from picker.config import Config
 from picker.datalayer.endpoint import Endpoint, Pending
+from picker.datalayer.models import no_endpoint_serves
 from picker.datalayer.pool import EndpointPool
 from picker.errors import Refusal
 from picker.request import InferenceRequest
@@ -68,6 +69,8 @@ class RequestControl:
             if request.subset is not None:
                 return Refusal(503, "no endpoint of the gateway's subset hint is in the pool")
             return Refusal(503, "no inference endpoint is known")
+        if no_endpoint_serves(request.model, candidates):
+            return Refusal(404, f"The model `{request.model}` does not exist.")
         if request.sheddable and (refusal := self.admission.check(candidates)) is not None:
             return refusal
         result = self.scheduler.schedule(request, candidates)

@@ -6,12 +6,13 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry
 
-from picker import telemetry
+from picker import debug, telemetry
 from picker.admission import Admission
 from picker.config import Config
 from picker.datalayer.pool import EndpointPool
@@ -19,6 +20,7 @@ from picker.datalayer.scraper import Scraper
 from picker.discovery.source import EndpointSource
 from picker.protocol.extproc import ExtProcService
 from picker.protocol.health import EXTPROC, Health
+from picker.reference_metrics import ReferenceMetrics
 from picker.requestcontrol import RequestControl
 from picker.scheduling.scheduler import Scheduler
 from picker.tls import server_credentials
@@ -38,6 +40,8 @@ class ServeOptions:
     cert_path: str | None = None
     grace_period: float = 25.0
     log_prompts: bool = False
+    conformance_hooks: bool = False  # the GIE conformance suite's request/response headers
+    pool_name: str = ""  # the InferencePool, for the reference metrics' `name` label
 
 
 def _grpc_options(config: Config) -> list[tuple[str, int]]:
@@ -74,7 +78,7 @@ class PickerServer:
         config = options.config
         self.pool = EndpointPool()
         self.scraper = Scraper(self.pool, config.metrics)
-        self.scheduler = Scheduler.from_config(config, self.pool)
+        self.scheduler = Scheduler.from_config(config, self.pool, conformance_hooks=options.conformance_hooks)
         self.control = RequestControl(
             self.pool,
             self.scheduler,
@@ -83,12 +87,12 @@ class PickerServer:
             log_prompts=options.log_prompts,
             probe=self.scraper.probe,
         )
-        self.extproc = ExtProcService(self.control, config)
+        self.extproc = ExtProcService(self.control, config, conformance_hooks=options.conformance_hooks)
         self.health = Health()
         self._servers: list[grpc.aio.Server] = []
         self._services: list[asyncio.Task[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._metrics_http: object | None = None
+        self._metrics_http: WSGIServer | None = None
         self.grpc_port = options.grpc_port
         self.grpc_health_port = options.grpc_health_port
         self.metrics_port = options.metrics_port
@@ -111,9 +115,14 @@ class PickerServer:
         )
         self._servers = [main, health_server]
         await health_server.start()  # ext_proc starts once ready: see _become_ready
-        http_server, _ = start_http_server(opts.metrics_port, opts.bind_address, registry=telemetry.REGISTRY)
-        self._metrics_http = http_server
-        self.metrics_port = http_server.server_port
+        # picker's own metrics, the reference EPP's names beside them, and the debug views
+        exported = CollectorRegistry(auto_describe=False)
+        exported.register(telemetry.REGISTRY)
+        stale_after = opts.config.metrics.stale_after
+        exported.register(ReferenceMetrics(self.pool, self.scheduler, opts.pool_name, stale_after))
+        wsgi = debug.app(exported, self.pool, self.scheduler, stale_after)
+        self._metrics_http = debug.serve(opts.bind_address, opts.metrics_port, wsgi)
+        self.metrics_port = self._metrics_http.server_port
         # Discovery and scraping run for the server's life; readiness ends once it is ready.
         self._services = [
             asyncio.create_task(opts.source.run(self.pool.set_addresses), name="discovery"),
@@ -154,7 +163,8 @@ class PickerServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()  # type: ignore[attr-defined]
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM/SIGINT; a background task that dies (e.g. discovery without

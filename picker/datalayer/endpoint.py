@@ -23,6 +23,7 @@ class EngineMetrics:
     max_lora: int | None = None
     running_loras: frozenset[str] = frozenset()
     waiting_loras: frozenset[str] = frozenset()
+    loaded_loras: int = 0  # adapters running or waiting, each counted once (the slots in use)
     # vllm:inter_token_latency_seconds histogram totals (cumulative): how fast it decodes.
     itl_sum: float = 0.0
     itl_count: float = 0.0
@@ -73,6 +74,9 @@ class Endpoint:
     pending_requests: int = 0  # counted entries of `pending`
     pending_tokens: int = 0
     token_seconds: float = 0.0  # recent mean inter-token latency the engine reports; 0: none yet
+    # What `/v1/models` last said: model id -> its base model (None for a base model itself).
+    # None until the endpoint answered: then nothing can be concluded from it.
+    models: dict[str, str | None] | None = None
     labels: dict[str, str] = field(default_factory=dict)
 
     def freshness(self, now: float, stale_after: float) -> Freshness:

@@ -168,6 +168,7 @@ def _apply_lora_info(metrics: EngineMetrics, block: bytes) -> None:
     metrics.max_lora = _positive_int(labels.get("max_lora"))
     metrics.running_loras = _adapters(labels.get("running_lora_adapters"))
     metrics.waiting_loras = _adapters(labels.get("waiting_lora_adapters"))
+    metrics.loaded_loras = len(metrics.running_loras | metrics.waiting_loras)
 
 
 def _positive_int(text: str | None) -> int | None:

@@ -26,6 +26,7 @@ import aiohttp
 from picker.config import MetricsConfig
 from picker.datalayer.endpoint import Endpoint, Freshness
 from picker.datalayer.metrics import MAX_PAGE_BYTES, MetricsError, parse_metrics
+from picker.datalayer.models import MAX_MODELS_BYTES, MODELS_PATH, parse_models
 from picker.datalayer.pool import EndpointPool
 from picker.telemetry import (
     ENDPOINT_ROUTABLE,
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 ERROR_KINDS = ("connect", "timeout", "status", "parse")  # SCRAPE_ERRORS `kind` label values
 # Identity: compressing a page the picker decompresses again only costs CPU on both sides.
-_HEADERS = {"accept": "text/plain", "accept-encoding": "identity"}
+USER_AGENT = "picker-scraper"  # so a replica's logs (and the tests' fakes) tell polls from traffic
+_HEADERS = {"accept": "text/plain, application/json", "accept-encoding": "identity", "user-agent": USER_AGENT}
 _READ_CHUNK = 64 * 1024
 
 
@@ -55,6 +57,8 @@ class Scraper:
     Success: new metrics, `scraped_at` = now, `consecutive_failures` = 0. Failure (connect error,
     timeout, non-200, unusable page): the last metrics stay for inspection, but the failure count
     makes `Endpoint.freshness` say it is not FRESH, so it is not routed to while others are.
+    Every `config.models_interval` a successful scrape also fetches the endpoint's `/v1/models`
+    (see `picker.datalayer.models`), on the same connection.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class Scraper:
         self._closing: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._probed: dict[str, float] = {}  # address -> loop time of its last out-of-band probe
+        self._models_due: dict[str, float] = {}  # address -> monotonic time of its next /v1/models
         self._gauged: dict[str, Endpoint] = {}  # endpoints whose gauge series are bound
         self._first_round: set[asyncio.Task[None]] | None = None
         self._callbacks: list[Callable[[Endpoint], None]] = []
@@ -185,7 +190,7 @@ class Scraper:
         visible_before = time.monotonic() - self._config.arrival_delay
         try:
             async with asyncio.timeout(self._config.timeout):  # whole exchange, not per read
-                page = await self._fetch(endpoint.address)
+                page = await self._fetch(endpoint.address, self._config.path, self._max_page_bytes)
             metrics = parse_metrics(page, self._max_page_bytes)
         except Exception as exc:
             kind = _failure_kind(exc)
@@ -200,23 +205,45 @@ class Scraper:
                 endpoint.consecutive_failures,
             )
         endpoint.observe_metrics(metrics, visible_before)
-        endpoint.scraped_at = time.monotonic()
+        endpoint.scraped_at = now = time.monotonic()
         endpoint.consecutive_failures = 0
         for callback in self._callbacks:
             callback(endpoint)
+        if now >= self._models_due.get(endpoint.address, 0.0):
+            self._models_due[endpoint.address] = now + self._config.models_interval
+            await self._fetch_models(endpoint)
 
-    async def _fetch(self, address: str) -> bytes:
-        url = f"http://{address}{self._config.path}"
-        async with self._client(address).get(url, allow_redirects=False) as response:
-            if response.status != 200:
-                raise _StatusError(response.status)
+    async def _fetch_models(self, endpoint: Endpoint) -> None:
+        """Learn what `endpoint` serves; a failed fetch keeps what it said before (a transient
+        error says nothing new), an answer that is no model list makes it unknown again."""
+        try:
+            async with asyncio.timeout(self._config.timeout):
+                body = await self._fetch(endpoint.address, MODELS_PATH, MAX_MODELS_BYTES)
+        except Exception as exc:
+            kind = _failure_kind(exc)
+            if kind is None:
+                raise
+            if kind in ("status", "parse"):
+                endpoint.models = None
+            return
+        models = parse_models(body)
+        if models != endpoint.models:
+            log.info("%s serves %s", endpoint.address, sorted(models) if models else "(unknown models)")
+            endpoint.models = models
+
+    async def _fetch(self, address: str, path: str, limit: int) -> bytes:
+        """The body of a 200 answer; an error answer is read too, so the connection stays usable
+        (a server without `/v1/models` would otherwise be reconnected to every time)."""
+        async with self._client(address).get(f"http://{address}{path}", allow_redirects=False) as response:
             chunks: list[bytes] = []
             size = 0
             async for chunk in response.content.iter_chunked(_READ_CHUNK):
                 size += len(chunk)
-                if size > self._max_page_bytes:  # stop reading; do not buffer an endless body
-                    raise MetricsError(f"metrics page exceeds {self._max_page_bytes} bytes")
+                if size > limit:  # stop reading; do not buffer an endless body
+                    raise MetricsError(f"{path} exceeds {limit} bytes")
                 chunks.append(chunk)
+            if response.status != 200:
+                raise _StatusError(response.status)
             return b"".join(chunks)
 
     def _failed(self, endpoint: Endpoint, kind: str, exc: Exception) -> None:
@@ -238,6 +265,7 @@ class Scraper:
             task.cancel()
         self._gauged.pop(address, None)
         self._probed.pop(address, None)
+        self._models_due.pop(address, None)
         client = self._clients.pop(address, None)
         if client is not None:  # close its connection now: no later scrape would reuse it
             closing = asyncio.get_running_loop().create_task(client.close())  # made in this loop

@@ -69,14 +69,7 @@ def route(phase: Phase, destinations: str) -> bytes:
     if cached is not None:
         return cached
     common = CommonResponse(
-        header_mutation=HeaderMutation(
-            set_headers=[
-                HeaderValueOption(
-                    header=HeaderValue(key=DESTINATION_HEADER, raw_value=destinations.encode()),
-                    append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-                )
-            ]
-        ),
+        header_mutation=HeaderMutation(set_headers=[_set_header(DESTINATION_HEADER, destinations)]),
         clear_route_cache=True,
     )
     metadata = Struct()
@@ -99,19 +92,9 @@ _route_cache: dict[tuple[Phase, str], bytes] = {}
 
 def immediate(status: int, message: str, retry_after: int | None = None) -> bytes:
     """The picker answers the client itself, with an OpenAI-style JSON error body."""
-    headers = [
-        HeaderValueOption(
-            header=HeaderValue(key="content-type", raw_value=b"application/json"),
-            append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-        )
-    ]
+    headers = [_set_header("content-type", "application/json")]
     if retry_after is not None:
-        headers.append(
-            HeaderValueOption(
-                header=HeaderValue(key="retry-after", raw_value=str(retry_after).encode()),
-                append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-            )
-        )
+        headers.append(_set_header("retry-after", str(retry_after)))
     return ProcessingResponse(
         immediate_response=ImmediateResponse(
             status=HttpStatus(code=status),  # type: ignore[arg-type]
@@ -120,6 +103,21 @@ def immediate(status: int, message: str, retry_after: int | None = None) -> byte
             details=f"picker_{status}",
         )
     ).SerializeToString()
+
+
+def response_headers(headers: dict[str, str]) -> bytes:
+    """Answer to response headers that sets `headers` on the response to the client."""
+    common = CommonResponse(
+        header_mutation=HeaderMutation(set_headers=[_set_header(k, v) for k, v in headers.items()])
+    )
+    return ProcessingResponse(response_headers=HeadersResponse(response=common)).SerializeToString()
+
+
+def _set_header(key: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=key, raw_value=value.encode()),
+        append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
 
 
 def _varint(value: int) -> bytes:

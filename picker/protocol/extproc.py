@@ -29,7 +29,7 @@ from typing import Any
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 
-from picker import telemetry
+from picker import conformance, telemetry
 from picker.config import Config
 from picker.errors import Refusal
 from picker.protocol.answers import (
@@ -37,6 +37,7 @@ from picker.protocol.answers import (
     LB_NAMESPACE,
     Phase,
     immediate,
+    response_headers,
     route,
     streamed_body,
 )
@@ -67,16 +68,19 @@ _AFTER_END = b""
 class ExtProcService:
     """Serves `envoy.service.ext_proc.v3.ExternalProcessor/Process` on raw bytes."""
 
-    def __init__(self, control: RequestControl, config: Config) -> None:
+    def __init__(self, control: RequestControl, config: Config, *, conformance_hooks: bool = False) -> None:
         self.control = control
         self.config = config
-        self.closing = config.response_processing == "close"
+        self.conformance_hooks = conformance_hooks
+        # The conformance hooks answer response headers, so the stream must outlive the request.
+        self.closing = config.response_processing == "close" and not conformance_hooks
         self._wanted_headers = {
             ":method",
             ":path",
             "content-type",
             OBJECTIVE_HEADER,
             config.session_header,
+            *([conformance.SELECTION_HEADER] if conformance_hooks else []),
         }
 
     async def process_closing(self, requests: AsyncIterator[bytes], context: Any) -> bytes:
@@ -154,6 +158,9 @@ class _Stream:
             return self._request_done((CONTINUE[Phase.REQUEST_TRAILERS],))
         if kind == "response_headers":
             self._note_served(message)
+            if self.service.conformance_hooks:
+                selected = self.decision.destinations.split(",")[0] if self.decision else None
+                return (response_headers(conformance.result_headers(message, selected)),)
             return (CONTINUE[Phase.RESPONSE_HEADERS],)
         if kind == "response_body":
             if self.response_mode == FULL_DUPLEX:
@@ -179,6 +186,8 @@ class _Stream:
                     request.content_type = value
                 elif key == OBJECTIVE_HEADER:
                     request.objective = value
+                elif key == conformance.SELECTION_HEADER:
+                    request.endpoint_selection = value
                 else:
                     request.session_key = value
         metadata = message.metadata_context.filter_metadata

@@ -16,17 +16,17 @@ TIE_TOLERANCE = 1e-9  # weighted sums this close are equal (float rounding of eq
 class MaxScorePicker:
     """Highest score wins; equal best scores are broken at random so ties do not all go to one.
 
-    After the winner come up to `fallbacks` other endpoints in descending score, for the gateway
-    to retry in order.
+    Returns at most `max_num_of_endpoints` (the reference picker's parameter): the winner, then
+    the others in descending score as fallbacks for the gateway to retry in order.
     """
 
-    name: ClassVar[str] = "max-score"
+    name: ClassVar[str] = "max-score-picker"
     rng: random.Random = field(default_factory=random.Random)
-    fallbacks: int = 2
+    max_num_of_endpoints: int = 3
 
     def __post_init__(self) -> None:
-        if self.fallbacks < 0:
-            raise ValueError("fallbacks must not be negative")
+        if self.max_num_of_endpoints < 1:
+            raise ValueError("maxNumOfEndpoints must be at least 1")
 
     def pick(self, candidates: Sequence[Endpoint], scores: Sequence[float]) -> list[Endpoint]:
         if not candidates:
@@ -39,4 +39,4 @@ class MaxScorePicker:
         if ties > 1:  # move a random one of the equal best to the front
             pick = self.rng.randrange(ties)
             ranked[0], ranked[pick] = ranked[pick], ranked[0]
-        return [candidates[i] for i in ranked[: self.fallbacks + 1]]
+        return [candidates[i] for i in ranked[: self.max_num_of_endpoints]]

@@ -57,6 +57,10 @@ class PrefixIndex:
         """Distinct blocks known for any endpoint."""
         return sum(map(len, self._owners))
 
+    def entries(self) -> int:
+        """Blocks recorded over all endpoints (a block two endpoints hold counts twice)."""
+        return sum(map(len, list(self._lru.values())))
+
     def held(self, endpoint: Endpoint) -> int:
         """Blocks currently recorded for `endpoint`."""
         lru = self._lru.get(endpoint)

@@ -1,7 +1,9 @@
-"""The scheduler: filters -> weighted scorers -> picker, built from YAML config.
+"""The scheduler: filters -> weighted scorers -> picker, as the config's profile says.
 
 Called once per request on the ext_proc server's event loop, so one `schedule` is synchronous and
-O(endpoints + prompt blocks): lists of floats, no logging, no per-candidate dicts.
+O(endpoints + prompt blocks): lists of floats, no logging, no per-candidate dicts. The last
+decisions are kept for `/debug/decisions` as a few small tuples each in a bounded deque, and
+rendered only when someone asks.
 """
 
 from __future__ import annotations
@@ -9,108 +11,89 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import NamedTuple
 
-from picker.config import Config, MetricsConfig, PluginSpec, SchedulingConfig
+from picker.config import Config, SchedulingConfig
+from picker.conformance import EndpointSelectionFilter
 from picker.datalayer.endpoint import Endpoint
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
 from picker.scheduling.filters import HealthyFilter
 from picker.scheduling.interface import Filter, Picker, PickObserver, Scorer
-from picker.scheduling.pickers import TIE_TOLERANCE, MaxScorePicker
-from picker.scheduling.scorers import (
-    InflightLoadScorer,
-    KVCacheUtilizationScorer,
-    LatencyScorer,
-    PrefixCacheScorer,
-    QueueScorer,
-    SessionAffinityScorer,
-)
+from picker.scheduling.model_filter import ServedModelFilter
+from picker.scheduling.pickers import TIE_TOLERANCE
+from picker.scheduling.prefix import PrefixIndex
+from picker.scheduling.registry import Instance, PluginContext, build_plugin, resolve
+from picker.scheduling.scorers import PrefixCacheScorer
 from picker.telemetry import DECISIONS
 
-
-@dataclass(frozen=True, slots=True)
-class PluginContext:
-    """What plugins may share: a plugin field with one of these names is filled from here."""
-
-    pool: EndpointPool
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    clock: Callable[[], float] = time.monotonic  # injectable so tests control time
-    rng: random.Random = field(default_factory=random.Random)  # tie-breaks; seed it in tests
+DECISIONS_KEPT = 100  # decisions /debug/decisions can show
+MODELS_COUNTED = 1000  # distinct model names counted per model; the rest count as OTHER_MODELS
+OTHER_MODELS = "other"
 
 
-_CONTEXT_FIELDS = frozenset(f.name for f in fields(PluginContext))
+class DecisionRecord(NamedTuple):
+    """One scheduling cycle, kept small: the endpoints it came down to (the pick, its fallbacks,
+    then the runner-up) with every scorer's score, not the whole pool, so a hundred records of a
+    large pool pin a few hundred objects, not megabytes. No request text beyond the model name.
 
-FILTERS: dict[str, type] = {cls.name: cls for cls in (HealthyFilter,)}
-SCORERS: dict[str, type] = {
-    cls.name: cls
-    for cls in (
-        QueueScorer,
-        KVCacheUtilizationScorer,
-        InflightLoadScorer,
-        LatencyScorer,
-        PrefixCacheScorer,
-        SessionAffinityScorer,
-    )
-}
-PICKERS: dict[str, type] = {cls.name: cls for cls in (MaxScorePicker,)}
-
-
-def build_plugin(kind: str, registry: Mapping[str, type], spec: PluginSpec, ctx: PluginContext) -> Any:
-    """Construct the plugin `spec.type` from its params; raise ValueError on anything unknown.
-
-    Params are the plugin dataclass's init fields not named after a context attribute; each must
-    have the type of the field's default (an int is accepted for a float).
+    Taken with `operator.itemgetter` (one C call per column, ~1.5 us a decision), which returns
+    the item itself, not a 1-tuple, when a decision had one candidate: see `rows`.
     """
-    cls = registry.get(spec.type)
-    if cls is None:
-        raise ValueError(f"unknown {kind} type {spec.type!r}; known: {', '.join(sorted(registry))}")
-    where = f"{kind} {spec.type!r}"
-    accepted = {f.name: f for f in fields(cls) if f.init and f.name not in _CONTEXT_FIELDS}
-    unknown = spec.params.keys() - accepted.keys()
-    if unknown:
-        raise ValueError(f"{where}: unknown params {sorted(unknown)}; accepted: {sorted(accepted) or 'none'}")
-    params = {key: _typed(where, accepted[key], value) for key, value in spec.params.items()}
-    shared = {f.name: getattr(ctx, f.name) for f in fields(cls) if f.name in _CONTEXT_FIELDS}
-    try:
-        return cls(**shared, **params)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
 
+    at: float  # time.time()
+    model: str
+    candidates: int  # endpoints that passed the filters
+    endpoints: tuple[Endpoint, ...] | Endpoint
+    totals: tuple[float, ...] | float  # the weighted sums
+    scores: list[tuple[float, ...]] | list[float]  # per scorer instance (`Scheduler.names` order)
+    reason: str
 
-def _typed(where: str, param: Field[Any], value: Any) -> Any:
-    expected = type(param.default) if param.default is not MISSING else object
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected and expected is not object:
-        raise ValueError(f"{where}: param {param.name!r} must be {expected.__name__}, not {value!r}")
-    return value
+    def rows(self) -> list[tuple[Endpoint, float, list[float]]]:
+        """(endpoint, total, scores by scorer instance) of each endpoint considered, in order."""
+        if self.candidates == 1:
+            return [(self.endpoints, self.totals, list(self.scores))]  # type: ignore[list-item]
+        return [
+            (ep, total, [column[i] for column in self.scores])  # type: ignore[index]
+            for i, (ep, total) in enumerate(zip(self.endpoints, self.totals, strict=True))  # type: ignore[arg-type]
+        ]
 
 
 @dataclass(slots=True)
 class SchedulingResult:
     endpoints: list[Endpoint]  # the pick first, then fallbacks
-    reason: str  # scorer that most separated the winner from the runner-up, or a special case
+    reason: str  # scorer instance that most separated the winner from the runner-up, or a special case
 
 
 class Scheduler:
-    """Runs one scheduling cycle per request with the plugins `config` names."""
+    """Runs one scheduling cycle per request with the plugins of the config's profile.
 
-    def __init__(self, config: SchedulingConfig, ctx: PluginContext) -> None:
-        for spec in config.scorers:
-            if not (math.isfinite(spec.weight) and spec.weight >= 0):
-                raise ValueError(f"scorer {spec.type!r}: weight must be finite and >= 0")
-        self.filters: list[Filter] = [build_plugin("filter", FILTERS, s, ctx) for s in config.filters]
-        self.scorers: list[Scorer] = [build_plugin("scorer", SCORERS, s, ctx) for s in config.scorers]
-        self.weights: list[float] = [s.weight for s in config.scorers]
-        self.picker: Picker = build_plugin("picker", PICKERS, config.picker, ctx)
+    Built-in filters run first: fresh metrics and the model the request names (request control
+    has applied the gateway's subset hint to the candidates already). With the conformance hooks
+    on, a request carrying the conformance suite's endpoint-selection header skips them and is
+    scheduled over exactly the endpoints it names.
+    """
+
+    def __init__(
+        self, config: SchedulingConfig, ctx: PluginContext, *, conformance_hooks: bool = False
+    ) -> None:
+        pipeline = resolve(config, conformance_hooks=conformance_hooks)
+        self.filters: list[Filter] = [HealthyFilter(ctx.metrics, ctx.clock), ServedModelFilter()]
+        self.selecting: list[Filter] = [EndpointSelectionFilter()]
+        self.instances: tuple[Instance, ...] = pipeline.scorers
+        self.scorers: list[Scorer] = [build_plugin(instance, ctx) for instance in pipeline.scorers]
+        self.names: list[str] = [instance.name for instance in pipeline.scorers]
+        self.weights: list[float] = [instance.weight for instance in pipeline.scorers]
+        self.picker: Picker = build_plugin(pipeline.picker, ctx)
         self.observers: list[PickObserver] = [
-            plugin
-            for plugin in (*self.filters, *self.scorers, self.picker)
-            if callable(getattr(plugin, "on_pick", None))
+            plugin for plugin in (*self.scorers, self.picker) if callable(getattr(plugin, "on_pick", None))
         ]
+        self.recent: deque[DecisionRecord] = deque(maxlen=DECISIONS_KEPT)
+        self.requests_by_model: dict[str, int] = {}  # routed requests (reference_metrics exports)
 
     @classmethod
     def from_config(
@@ -120,10 +103,11 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        conformance_hooks: bool = False,
     ) -> Scheduler:
         """The scheduler the picker's config file describes, over `pool`."""
         ctx = PluginContext(pool, config.metrics, clock, rng or random.Random())
-        return cls(config.scheduling, ctx)
+        return cls(config.scheduling, ctx, conformance_hooks=conformance_hooks)
 
     def schedule(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> SchedulingResult | None:
         """Choose among `candidates` for `request`, or None when none survives the filters.
@@ -131,7 +115,7 @@ class Scheduler:
         Decides only: request control commits the decision and then tells `observers`.
         """
         candidates = list(candidates)
-        for flt in self.filters:
+        for flt in self.filters if request.endpoint_selection is None else self.selecting:
             candidates = flt.filter(request, candidates)
             if not candidates:
                 return None
@@ -140,27 +124,55 @@ class Scheduler:
         for weight, column in zip(self.weights, columns, strict=True):
             totals = [t + weight * s for t, s in zip(totals, column, strict=True)]
         chosen = self.picker.pick(candidates, totals)
-        winner = chosen[0]
-        reason = self._reason(candidates, totals, columns, winner)
-        DECISIONS.labels(winner.address, reason).inc()
+        shown = [candidates.index(endpoint) for endpoint in chosen]
+        runner_up = self._runner_up(totals, shown[0])
+        reason = self._reason(totals, columns, shown[0], runner_up)
+        DECISIONS.labels(chosen[0].address, reason).inc()
+        if runner_up is not None and runner_up not in shown:
+            shown.append(runner_up)
+        take = itemgetter(*shown)
+        model = request.model
+        record = (
+            time.time(),
+            model,
+            len(candidates),
+            take(candidates),
+            take(totals),
+            [take(c) for c in columns],
+        )
+        self.recent.append(DecisionRecord(*record, reason))
+        by_model = self.requests_by_model
+        if model not in by_model and len(by_model) >= MODELS_COUNTED:  # client-chosen: bound it
+            model = OTHER_MODELS
+        by_model[model] = by_model.get(model, 0) + 1
         return SchedulingResult(chosen, reason)
 
-    def _reason(
-        self,
-        candidates: list[Endpoint],
-        totals: list[float],
-        columns: list[Sequence[float]],
-        winner: Endpoint,
-    ) -> str:
-        """The scorer whose weighted contribution most separated the winner from the runner-up."""
-        if len(candidates) == 1:
-            return "only-candidate"
-        win = candidates.index(winner)
+    def prefix_indexes(self) -> dict[str, PrefixIndex]:
+        """Each prefix-cache scorer instance's index, by instance name."""
+        return {
+            name: scorer.index
+            for name, scorer in zip(self.names, self.scorers, strict=True)
+            if isinstance(scorer, PrefixCacheScorer)
+        }
+
+    @staticmethod
+    def _runner_up(totals: list[float], win: int) -> int | None:
+        """The position of the best total after the winner's; None when there is no other."""
+        if len(totals) == 1:
+            return None
         best = totals[win]
         totals[win] = -math.inf
         runner_up = totals.index(max(totals))
         totals[win] = best
-        if best - totals[runner_up] <= TIE_TOLERANCE:
+        return runner_up
+
+    def _reason(
+        self, totals: list[float], columns: list[Sequence[float]], win: int, runner_up: int | None
+    ) -> str:
+        """The scorer whose weighted contribution most separated the winner from the runner-up."""
+        if runner_up is None:
+            return "only-candidate"
+        if totals[win] - totals[runner_up] <= TIE_TOLERANCE or not self.scorers:
             return "tie"
         gaps = [w * (col[win] - col[runner_up]) for w, col in zip(self.weights, columns, strict=True)]
-        return self.scorers[gaps.index(max(gaps))].name
+        return self.names[gaps.index(max(gaps))]

@@ -12,8 +12,9 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from picker.config import camel
 from picker.datalayer.endpoint import Endpoint
 from picker.datalayer.pool import EndpointPool
 from picker.request import CHARS_PER_TOKEN, InferenceRequest
@@ -42,7 +43,7 @@ def least_is_best(values: list[float], min_span: float = 0.0) -> list[float]:
 class QueueScorer:
     """Fewer waiting requests (last scrape) is better; unknown metrics -> 0."""
 
-    name: ClassVar[str] = "queue"
+    name: ClassVar[str] = "queue-scorer"
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
     min_span: float = 4.0  # waiting requests; 0 is the reference EPP's pure min-max
 
@@ -59,7 +60,7 @@ class QueueScorer:
 class KVCacheUtilizationScorer:
     """More free KV cache (last scrape) is better: 1 - kv_usage; unknown -> 0."""
 
-    name: ClassVar[str] = "kv-cache-utilization"
+    name: ClassVar[str] = "kv-cache-utilization-scorer"
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
 
     def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
@@ -78,7 +79,7 @@ class InflightLoadScorer:
     to weigh both.
     """
 
-    name: ClassVar[str] = "inflight-load"
+    name: ClassVar[str] = "inflight-load-scorer"
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
     measure: str = "requests"  # "requests" or "tokens"
     min_span: float = -1.0  # in units of `measure`; < 0: 4 requests or 4,096 tokens
@@ -109,7 +110,7 @@ class LatencyScorer:
     the pool's average, so they get tried.
     """
 
-    name: ClassVar[str] = "latency"
+    name: ClassVar[str] = "latency-scorer"
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
     tolerance: float = 0.5  # up to 50% slower than the fastest counts as just as fast
     zero_at: float = 2.5  # this many times the fastest's latency scores 0
@@ -136,7 +137,7 @@ class LatencyScorer:
 class SessionAffinityScorer:
     """Requests of one session (`request.session_key`) prefer the endpoint that served it last."""
 
-    name: ClassVar[str] = "session-affinity"
+    name: ClassVar[str] = "session-affinity-scorer"
     category: ClassVar[ScorerCategory] = ScorerCategory.AFFINITY
     max_sessions: int = 65536
     _last: OrderedDict[str, str] = field(init=False, default_factory=OrderedDict)
@@ -160,6 +161,42 @@ class SessionAffinityScorer:
 
 
 @dataclass(slots=True)
+class LoraAffinityScorer:
+    """Prefer the endpoint that has the request's LoRA adapter loaded (the reference scoring).
+
+    From `vllm:lora_requests_info`: 1.0 when the adapter is running there, 0.8 when it is not but
+    a slot is free (adapters running or waiting, each counted once, fewer than `max_lora`), 0.6
+    when it is only waiting, else 0. A base model an endpoint serves (its `/v1/models` says so)
+    is always loaded there: 1.0, so base-model requests are not steered by adapter slots.
+    """
+
+    name: ClassVar[str] = "lora-affinity-scorer"
+    category: ClassVar[ScorerCategory] = ScorerCategory.AFFINITY
+
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+        model = request.model
+        if not model:
+            return [0.0] * len(candidates)
+        scores: list[float] = []
+        append = scores.append
+        for ep in candidates:
+            models = ep.models
+            if models is not None and model in models and models[model] is None:
+                append(1.0)  # a base model it serves
+                continue
+            m = ep.metrics
+            if m is None or m.max_lora is None:  # no LoRA there (or not known yet)
+                append(0.0)
+            elif model in m.running_loras:
+                append(1.0)
+            elif m.loaded_loras < m.max_lora:
+                append(0.8)
+            else:
+                append(0.6 if model in m.waiting_loras else 0.0)
+        return scores
+
+
+@dataclass(slots=True)
 class _PrefixCycle:
     """What the prefix scorer keeps in `request.cycle` between scoring and `on_pick`."""
 
@@ -168,8 +205,8 @@ class _PrefixCycle:
     matched: dict[Endpoint, int] = field(default_factory=dict)
 
 
-_CYCLE_KEY = "prefix-cache"
 _RETUNE_INTERVAL = 1.0  # seconds between looks at the pool's reported block sizes
+_PREFIX_DEFAULT_BLOCK = 16  # PrefixCacheScorer.block_size_tokens (tokens per block)
 
 
 @dataclass(slots=True)
@@ -180,28 +217,53 @@ class PrefixCacheScorer:
     the chosen endpoint. A load guard keeps a hot prefix from piling onto one replica: an affine
     endpoint whose load (`Endpoint.load`) exceeds the least-loaded candidate's by more than
     `max_load_gap + relative_load_gap * least` scores 0 for this request, so load decides.
+    Parameters carry the reference scorer's names; with `auto_tune` the block size and each
+    endpoint's capacity follow what the engines report (`vllm:cache_config_info`).
     """
 
-    name: ClassVar[str] = "prefix-cache"
+    name: ClassVar[str] = "prefix-cache-scorer"
     category: ClassVar[ScorerCategory] = ScorerCategory.AFFINITY
     pool: EndpointPool
     clock: Callable[[], float] = time.monotonic
-    block_size_tokens: int = 16
-    max_prefix_blocks: int = 256
-    default_gpu_blocks: int = 31250  # KV capacity assumed until an endpoint reports its own
-    auto_tune: bool = True  # follow the block size most endpoints report
+    block_size_tokens: int = _PREFIX_DEFAULT_BLOCK
+    max_prefix_blocks_to_match: int = 256
+    lru_capacity_per_server: int = 31250  # blocks per endpoint, until (auto_tune) it reports its own
+    auto_tune: bool = True
     max_load_gap: float = 8.0  # math.inf (YAML .inf) disables the load guard
     relative_load_gap: float = 0.25
     index: PrefixIndex = field(init=False, default_factory=PrefixIndex)
     _next_tune: float = field(init=False, default=-math.inf)
+    _cycle_key: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
-        for param in ("block_size_tokens", "max_prefix_blocks", "default_gpu_blocks"):
+        self._cycle_key = f"prefix-cache-scorer@{id(self)}"  # two instances may hash differently
+        for param in ("block_size_tokens", "max_prefix_blocks_to_match", "lru_capacity_per_server"):
             if getattr(self, param) < 1:
-                raise ValueError(f"{param} must be at least 1")
+                raise ValueError(f"{camel(param)} must be at least 1")
         if self.max_load_gap < 0 or self.relative_load_gap < 0:
-            raise ValueError("max_load_gap and relative_load_gap must not be negative")
+            raise ValueError("maxLoadGap and relativeLoadGap must not be negative")
         self.pool.on_removed(self.index.drop_endpoint)
+
+    @staticmethod
+    def legacy_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+        """The reference scorer's older spellings: `blockSize` / `hashBlockSize` (characters, in
+        whole 4-character tokens here) and `maxPrefixTokensToMatch` (tokens; wins over blocks)."""
+        parameters = dict(parameters)
+        for key in ("blockSize", "hashBlockSize"):
+            chars = parameters.pop(key, None)
+            if chars is None:
+                continue
+            if isinstance(chars, bool) or not isinstance(chars, int) or chars < 1:
+                raise ValueError(f"{key} must be a positive number of characters, not {chars!r}")
+            parameters.setdefault("blockSizeTokens", max(1, chars // CHARS_PER_TOKEN))
+        tokens = parameters.pop("maxPrefixTokensToMatch", None)
+        if tokens is not None:
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+                raise ValueError(f"maxPrefixTokensToMatch must be a positive integer, not {tokens!r}")
+            block = parameters.get("blockSizeTokens", _PREFIX_DEFAULT_BLOCK)
+            if isinstance(block, int) and block > 0:  # else the block size check reports it
+                parameters["maxPrefixBlocksToMatch"] = max(1, tokens // block)
+        return parameters
 
     def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
         if self.auto_tune:
@@ -226,23 +288,24 @@ class PrefixCacheScorer:
 
     def _cycle(self, request: InferenceRequest) -> _PrefixCycle:
         """The request's block hashes, computed once per request and block size."""
-        state = request.cycle.get(_CYCLE_KEY)
+        state = request.cycle.get(self._cycle_key)
         if state is None or state.block_size_tokens != self.block_size_tokens:
             hashes = block_hashes(
                 request.prompt,
                 request.model,
                 self.block_size_tokens * CHARS_PER_TOKEN,
-                self.max_prefix_blocks,
+                self.max_prefix_blocks_to_match,
             )
-            state = request.cycle[_CYCLE_KEY] = _PrefixCycle(self.block_size_tokens, hashes)
+            state = request.cycle[self._cycle_key] = _PrefixCycle(self.block_size_tokens, hashes)
         return state
 
     def _capacity(self, endpoint: Endpoint) -> int:
         """The endpoint's KV capacity in our blocks (its blocks x its block size / ours)."""
         m = endpoint.metrics
-        blocks = (m.num_gpu_blocks if m else None) or self.default_gpu_blocks
-        engine_block = (m.block_size if m else None) or self.block_size_tokens
-        return max(1, blocks * engine_block // self.block_size_tokens)
+        if not self.auto_tune or m is None or not m.num_gpu_blocks:
+            return self.lru_capacity_per_server
+        engine_block = m.block_size or self.block_size_tokens
+        return max(1, m.num_gpu_blocks * engine_block // self.block_size_tokens)
 
     def _retune(self) -> None:
         """Adopt the block size most endpoints report; old hashes no longer match, so clear."""

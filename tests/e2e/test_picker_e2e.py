@@ -26,12 +26,6 @@ async def served_by(client: httpx.AsyncClient, url: str, body: dict[str, Any], *
     return response.headers["x-sim-replica"]
 
 
-@pytest.fixture
-async def client():
-    async with httpx.AsyncClient(timeout=30.0) as http:
-        yield http
-
-
 async def test_routes_to_the_least_loaded_replica_by_scraped_metrics(
     fake_vllm, picker_server, envoy, client
 ) -> None:
@@ -42,6 +36,37 @@ async def test_routes_to_the_least_loaded_replica_by_scraped_metrics(
     proxy = await envoy("picker", endpoints=[r.address for r in replicas], picker=[picker.address])
     served = [await served_by(client, proxy.url, chat(f"question {i}")) for i in range(6)]
     assert served == ["1"] * 6
+
+
+LLM_D_KV_ONLY = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: kv-cache-utilization-scorer
+- type: metrics-data-source
+  parameters: {scheme: http, path: /metrics}
+- type: core-metrics-extractor
+- type: single-profile-handler
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+"""
+
+
+async def test_an_llm_d_config_file_routes_as_it_says(
+    fake_vllm, picker_server, envoy, client, tmp_path
+) -> None:
+    replicas = await fake_vllm(3)
+    # By queue replica 0 is best; this config weighs free KV cache only, where 2 is best.
+    for replica, waiting, kv in zip(replicas, (0, 5, 20), (0.9, 0.5, 0.1), strict=True):
+        replica.metrics.waiting, replica.metrics.kv_usage = waiting, kv
+    path = tmp_path / "epp.yaml"
+    path.write_text(LLM_D_KV_ONLY)
+    picker = await picker_server([r.address for r in replicas], "--config-file", str(path))
+    proxy = await envoy("picker", endpoints=[r.address for r in replicas], picker=[picker.address])
+    assert [await served_by(client, proxy.url, chat(f"q{i}")) for i in range(4)] == ["2"] * 4
 
 
 async def test_a_long_shared_prefix_sticks_while_different_prefixes_spread(
@@ -134,6 +159,29 @@ async def test_invalid_json_gets_a_400_openai_error(fake_vllm, picker_server, en
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and "JSON" in error["message"]
     assert not any(r.requests for r in replicas)
+
+
+async def test_a_model_no_replica_serves_gets_a_404_openai_error(
+    fake_vllm, picker_server, envoy, client
+) -> None:
+    replicas = await fake_vllm(2)
+    picker = await picker_server([r.address for r in replicas])
+    proxy = await envoy("picker", endpoints=[r.address for r in replicas], picker=[picker.address])
+    assert await served_by(client, proxy.url, chat("known")) in {"0", "1"}
+    response = await client.post(proxy.url + CHAT, json=chat("q") | {"model": "gpt-4"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["type"] == "not_found_error" and error["message"] == "The model `gpt-4` does not exist."
+    assert [len(r.requests) for r in replicas].count(1) == 1  # only the first request arrived
+
+
+async def test_replicas_that_do_not_list_models_get_every_model_routed(
+    fake_vllm, picker_server, envoy, client
+) -> None:
+    replicas = await fake_vllm(2, lists_models=False)
+    picker = await picker_server([r.address for r in replicas])
+    proxy = await envoy("picker", endpoints=[r.address for r in replicas], picker=[picker.address])
+    assert await served_by(client, proxy.url, chat("q") | {"model": "any-model"}) in {"0", "1"}
 
 
 async def test_a_client_supplied_destination_header_is_overwritten(

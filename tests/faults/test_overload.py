@@ -19,7 +19,7 @@ async def test_saturated_pool_sheds_sheddable_requests_and_routes_the_rest_to_th
     for replica, waiting in zip(replicas, (9, 4, 12), strict=True):
         replica.metrics.waiting, replica.metrics.kv_usage = waiting, 0.6
     config = config_file(
-        saturation={"queue_threshold": 3, "kv_threshold": 0.5, "retry_after_seconds": 7},
+        saturationDetector={"queueDepthThreshold": 3, "kvCacheUtilThreshold": 0.5, "retryAfterSeconds": 7},
         objectives={"batch": -1, "interactive": 10},
     )
     addresses = [r.address for r in replicas]

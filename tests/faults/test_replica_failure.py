@@ -87,7 +87,8 @@ async def test_killed_replica_is_dropped_after_one_failed_request_and_used_again
     addresses = [r.address for r in replicas]
     # Scrapes 1 s apart and no staleness: without the fast-end probe the dead replica would
     # stay the best choice, and fail request after request, until the next scrape.
-    config = config_file(metrics={"scrape_interval": 1.0, "stale_after": 60.0})
+    staleness = {"metricsStalenessThreshold": "60s"}
+    config = config_file(metrics={"scrapeInterval": 1.0}, saturationDetector=staleness)
     picker = await picker_server(addresses, "--config-file", config)
     proxy = await envoy("picker", endpoints=addresses, picker=[picker.address])
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from loadtest.envoy import ENVOY_DIR
-from picker.config import Config
+from picker.config import Config, LimitsConfig
 from picker.request import InferenceRequest, apply_body
 from picker.server import _grpc_options
 from tests.protocol.conftest import (
@@ -39,7 +39,7 @@ def test_grpc_accepts_a_whole_body_at_the_limit() -> None:
 
 @pytest.mark.parametrize("mode", [BUFFERED, FULL_DUPLEX])
 async def test_a_body_over_the_limit_is_413_in_every_mode(make_picker, mode: int) -> None:
-    picker: Picker = await make_picker(Config.from_dict({"limits": {"max_body_bytes": 1000}}))
+    picker: Picker = await make_picker(Config(limits=LimitsConfig(max_body_bytes=1000)))
     at_limit = orjson.dumps({"model": "m", "prompt": "x" * (1000 - 25)})
     assert len(at_limit) == 1000
     answers = await picker.exchange(headers_message(request_mode=mode), body_message(at_limit))

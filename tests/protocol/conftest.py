@@ -152,16 +152,17 @@ async def make_picker() -> AsyncIterator:
     servers: list[grpc.aio.Server] = []
     channels: list[grpc.aio.Channel] = []
 
-    async def make(config: Config | None = None, endpoints: Iterable[str] = ENDPOINTS) -> Picker:
+    async def make(
+        config: Config | None = None, endpoints: Iterable[str] = ENDPOINTS, conformance_hooks: bool = False
+    ) -> Picker:
         config = config or Config()
         pool = EndpointPool()
         pool.set_addresses(endpoints)
         for endpoint in pool.endpoints:
             endpoint.metrics = EngineMetrics()
             endpoint.scraped_at = time.monotonic()
-        control = RequestControl(
-            pool, Scheduler.from_config(config, pool), Admission(config.saturation, config.metrics), config
-        )
+        scheduler = Scheduler.from_config(config, pool, conformance_hooks=conformance_hooks)
+        control = RequestControl(pool, scheduler, Admission(config.saturation, config.metrics), config)
         releases: asyncio.Queue[str] = asyncio.Queue()
         release = control.release
 
@@ -171,7 +172,8 @@ async def make_picker() -> AsyncIterator:
 
         control.release = observed_release  # type: ignore[method-assign]
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers((extproc_handler(ExtProcService(control, config)),))
+        service = ExtProcService(control, config, conformance_hooks=conformance_hooks)
+        server.add_generic_rpc_handlers((extproc_handler(service),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         servers.append(server)

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
-from picker.config import Config
+from picker.config import Config, LimitsConfig
 from picker.telemetry import REGISTRY
 from tests.protocol.conftest import (
     BUFFERED,
@@ -243,7 +243,7 @@ async def test_full_duplex_request_ended_by_trailers(make_picker) -> None:
 
 
 async def test_full_duplex_body_over_the_limit_is_refused_with_413(make_picker) -> None:
-    picker = await make_picker(Config.from_dict({"limits": {"max_body_bytes": 100}}))
+    picker = await make_picker(Config(limits=LimitsConfig(max_body_bytes=100)))
     answers = await picker.exchange(
         headers_message(request_mode=FULL_DUPLEX), body_message(b"x" * 80, False), body_message(b"x" * 80)
     )
@@ -310,7 +310,7 @@ async def test_scrapes_timing_out_everywhere_still_route_on_last_metrics(make_pi
 
 
 async def test_sheddable_request_on_a_saturated_pool_gets_429_with_retry_after(make_picker) -> None:
-    config = Config.from_dict({"objectives": {"batch": -1, "chat": 10}})
+    config = Config(objectives={"batch": -1, "chat": 10})
     picker = await make_picker(config)
     for address in ENDPOINTS:
         picker.set_metrics(address, waiting=50, kv_usage=0.95)

@@ -23,6 +23,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from picker.datalayer.scraper import USER_AGENT
 from vllm_sim.openai_api import error_body
 
 MODEL = "fake-model"
@@ -75,9 +76,9 @@ class VLLMMetrics:
 class FakeVLLM:
     """A vLLM-like replica; every response carries `x-sim-replica: <name>`.
 
-    Inference requests (all but `/metrics`, which a picker scrapes continuously) are appended to
+    Requests (all but the picker scraper's polls of `/metrics` and `/v1/models`) are appended to
     `requests`. A completion streams `max_tokens` chunks (default `default_tokens`), each
-    `chunk_delay` seconds apart, unless `completion` answers instead.
+    `chunk_delay` seconds apart, unless `completion` answers instead; any model name is answered.
     """
 
     name: str = "0"
@@ -86,12 +87,15 @@ class FakeVLLM:
     metrics_page: bytes | None = None  # served as is instead of `metrics`
     metrics_status: int = 200  # e.g. 503: scrapes fail, the replica's metrics go stale
     metrics_fault: str | None = None  # one of METRICS_FAULTS
+    models_page: bytes | None = None  # served as is as /v1/models instead of `model`'s card
+    lists_models: bool = True  # False: /v1/models is a 404 (a server that never tells)
+    model_fetches: int = 0  # /v1/models requests received
     chunk_delay: float = 0.0
     default_tokens: int = 4
     completion: Handler | None = None  # answers /v1/completions and chat instead of the fake model
     requests: list[RecordedRequest] = field(default_factory=list)
     scrapes: int = 0  # /metrics requests received
-    scrape_connections: set[asyncio.BaseTransport] = field(default_factory=set)
+    scrape_connections: set[asyncio.BaseTransport] = field(default_factory=set)  # and /v1/models
     release: asyncio.Event = field(default_factory=asyncio.Event)  # ends every hanging scrape
     port: int = 0  # 0 until started; kept across kill / start
     _scraped: asyncio.Condition = field(default_factory=asyncio.Condition, repr=False)
@@ -142,7 +146,7 @@ class FakeVLLM:
 
     @web.middleware
     async def _tag(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path != "/metrics":
+        if request.path != "/metrics" and request.headers.get("user-agent") != USER_AGENT:
             body = await request.read()
             headers = {k.lower(): v for k, v in request.headers.items()}
             self.requests.append(RecordedRequest(request.method, request.path, headers, body))
@@ -169,9 +173,15 @@ class FakeVLLM:
             page += b"# padding\n" * 10_000
         return web.Response(status=self.metrics_status, body=page, content_type="text/plain")
 
-    async def _models(self, _: web.Request) -> web.Response:
+    async def _models(self, request: web.Request) -> web.Response:
+        self.model_fetches += 1
+        if request.transport is not None:
+            self.scrape_connections.add(request.transport)
+        if not self.lists_models:
+            return web.Response(status=404, text="Not Found")
         models = {"object": "list", "data": [{"id": self.model, "object": "model"}]}
-        return web.Response(body=orjson.dumps(models), content_type="application/json")
+        page = self.models_page or orjson.dumps(models)
+        return web.Response(body=page, content_type="application/json")
 
     async def _completion(self, request: web.Request) -> web.StreamResponse:
         if self.completion is not None:

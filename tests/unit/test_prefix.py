@@ -15,6 +15,7 @@ from picker.scheduling.prefix import PrefixIndex, block_hashes
 from picker.scheduling.scheduler import Scheduler
 from picker.scheduling.scorers import PrefixCacheScorer
 from picker.telemetry import REGISTRY
+from tests.unit.conftest import epp
 
 NOW = 1000.0
 BLOCK = 64  # default block: 16 tokens x 4 characters
@@ -43,17 +44,14 @@ def make_pool(n: int, **metrics: Any) -> EndpointPool:
     return pool
 
 
-def prefix_scheduler(pool: EndpointPool, seed: int = 0, **params: Any) -> Scheduler:
+def prefix_scheduler(pool: EndpointPool, seed: int = 0, **parameters: Any) -> Scheduler:
     """Prefix affinity (weight 3) against the picker's own in-flight count (weight 1)."""
-    doc = {
-        "scheduling": {
-            "scorers": [
-                {"type": "prefix-cache", "weight": 3, "params": params},
-                {"type": "inflight-load", "weight": 1},
-            ]
-        }
-    }
-    return Scheduler.from_config(Config.from_dict(doc), pool, clock=FakeClock(), rng=random.Random(seed))
+    doc = epp(
+        {"type": "prefix-cache-scorer", "weight": 3, "parameters": parameters},
+        {"type": "inflight-load-scorer", "weight": 1},
+    )
+    config = Config.from_document(doc)
+    return Scheduler.from_config(config, pool, clock=FakeClock(), rng=random.Random(seed))
 
 
 def route(sched: Scheduler, prompt: str, *, only: Endpoint | None = None, hold: bool = True) -> Endpoint:
@@ -197,11 +195,23 @@ def test_capacity_eviction_loses_affinity_of_an_old_prefix() -> None:
 
 
 def test_capacity_converts_engine_blocks_to_our_blocks() -> None:
-    # 8 vLLM blocks of 16 tokens hold two of our 64-token blocks.
+    # Most engines use 64-token blocks, so ours are 64 tokens; one engine's 8 blocks of 16 tokens
+    # hold two of them.
+    pool = make_pool(3, num_gpu_blocks=8, block_size=64)
+    small = pool.endpoints[0]
+    small.metrics = EngineMetrics(num_gpu_blocks=8, block_size=16)
+    sched = prefix_scheduler(pool)
+    route(sched, "w" * 64 * 4 * 5, only=small, hold=False)
+    assert prefix_scorer(sched).block_size_tokens == 64
+    assert prefix_scorer(sched).index.held(small) == 2
+
+
+def test_without_auto_tune_block_size_and_capacity_are_as_configured() -> None:
     pool = make_pool(1, num_gpu_blocks=8, block_size=16)
-    sched = prefix_scheduler(pool, block_size_tokens=64, auto_tune=False)
+    sched = prefix_scheduler(pool, blockSizeTokens=64, lruCapacityPerServer=3, autoTune=False)
     route(sched, "w" * 64 * 4 * 5, hold=False)
-    assert prefix_scorer(sched).index.held(pool.endpoints[0]) == 2
+    assert prefix_scorer(sched).block_size_tokens == 64
+    assert prefix_scorer(sched).index.held(pool.endpoints[0]) == 3
 
 
 def test_endpoint_leaving_the_pool_is_dropped_from_the_index() -> None:
@@ -255,7 +265,7 @@ def test_load_guard_counts_waiting_requests_and_can_be_disabled() -> None:
     a, b = pool.endpoints
     hot = text(1, 8)
     for gap, expected in ((8.0, b), (float("inf"), a)):
-        sched = prefix_scheduler(pool, max_load_gap=gap)
+        sched = prefix_scheduler(pool, maxLoadGap=gap)
         route(sched, hot, only=a, hold=False)
         a.metrics = EngineMetrics(waiting=30)
         assert route(sched, hot + "q" * 64, hold=False) is expected

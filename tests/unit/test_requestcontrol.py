@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
 
 import pytest
 
 from picker.admission import Admission
-from picker.config import Config
+from picker.config import Config, MetricsConfig
 from picker.datalayer.endpoint import MAX_PENDING_AGE, Endpoint, EngineMetrics
 from picker.datalayer.pool import EndpointPool
 from picker.errors import Refusal
 from picker.request import InferenceRequest
 from picker.requestcontrol import Decision, RequestControl
 from picker.scheduling.scheduler import Scheduler
+from tests.unit.conftest import epp
 
 ADDRESSES = ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000")
 
 
-def control(doc: dict[str, Any] | None = None, **waiting: float) -> RequestControl:
+def control(config: Config | None = None, **waiting: float) -> RequestControl:
     """Request control over three fresh endpoints; `waiting` by the address's last octet (e1=...)."""
-    config = Config.from_dict(doc or {})
+    config = config or Config()
     pool = EndpointPool()
     pool.set_addresses(ADDRESSES)
     for i, endpoint in enumerate(pool.endpoints, start=1):
@@ -39,7 +39,7 @@ def decided(rc: RequestControl, request: InferenceRequest) -> Decision:
 
 
 def test_the_objective_sets_the_priority_and_a_saturated_pool_sheds_only_sheddable_requests() -> None:
-    rc = control({"objectives": {"batch": -1, "chat": 5}}, e1=50, e2=50, e3=50)
+    rc = control(Config(objectives={"batch": -1, "chat": 5}), e1=50, e2=50, e3=50)
     shed = rc.decide(InferenceRequest(objective="batch"))
     assert isinstance(shed, Refusal) and shed.status == 429 and shed.retry_after == 1
     kept = decided(rc, InferenceRequest(objective="chat"))
@@ -48,7 +48,7 @@ def test_the_objective_sets_the_priority_and_a_saturated_pool_sheds_only_sheddab
 
 
 def test_the_subset_hint_limits_admission_and_scheduling_alike() -> None:
-    rc = control({"objectives": {"batch": -1}}, e1=0, e2=50, e3=50)
+    rc = control(Config(objectives={"batch": -1}), e1=0, e2=50, e3=50)
     hint = frozenset(ADDRESSES[1:])
     # The idle endpoint is outside the hint: the hinted candidates are saturated, so shed...
     shed = rc.decide(InferenceRequest(objective="batch", subset=hint))
@@ -62,7 +62,9 @@ def test_the_subset_hint_limits_admission_and_scheduling_alike() -> None:
 
 
 def test_affinity_is_learnt_from_committed_decisions_and_follows_a_fallback_that_served() -> None:
-    rc = control({"scheduling": {"scorers": [{"type": "session-affinity", "weight": 5}, "inflight-load"]}})
+    rc = control(
+        Config.from_document(epp({"type": "session-affinity-scorer", "weight": 5}, "inflight-load-scorer"))
+    )
     first = decided(rc, InferenceRequest(session_key="s1"))
     assert decided(rc, InferenceRequest(session_key="s1")).endpoint is first.endpoint
     other = next(e for e in rc.pool.endpoints if e is not first.endpoint)
@@ -119,7 +121,7 @@ def test_pending_load_is_forgotten_when_scrapes_stop_showing_it() -> None:
 
 @pytest.mark.parametrize("lived_as_exchange", [True, False])
 def test_release_probes_only_streams_that_lived_as_long_as_their_exchange(lived_as_exchange: bool) -> None:
-    rc = control({"metrics": {"fast_end_probe": 10.0}})
+    rc = control(Config(metrics=MetricsConfig(fast_end_probe=10.0)))
     probed: list[Endpoint] = []
     rc.probe = probed.append
     decision = decided(rc, InferenceRequest())

@@ -7,23 +7,23 @@ from typing import Any
 
 import pytest
 
-from picker.config import Config, MetricsConfig, PluginSpec, SchedulingConfig
+from picker.config import Config, MetricsConfig
 from picker.datalayer.endpoint import Endpoint, EngineMetrics
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
 from picker.scheduling.filters import HealthyFilter
 from picker.scheduling.pickers import MaxScorePicker
-from picker.scheduling.scheduler import SCORERS, PluginContext, Scheduler, build_plugin
+from picker.scheduling.scheduler import Scheduler
 from picker.scheduling.scorers import (
     InflightLoadScorer,
     KVCacheUtilizationScorer,
     LatencyScorer,
+    LoraAffinityScorer,
     QueueScorer,
     SessionAffinityScorer,
 )
 from picker.telemetry import REGISTRY
-
-NOW = 1000.0
+from tests.unit.conftest import NOW, epp, pool_of
 
 
 class FakeClock:
@@ -40,18 +40,9 @@ def endpoint(address: str, waiting: float | None = 0.0, kv: float = 0.0, infligh
     return Endpoint(address, metrics=metrics, scraped_at=NOW, inflight_requests=inflight)
 
 
-def pool_of(*loads: dict[str, Any]) -> EndpointPool:
-    """A pool of fresh endpoints 10.0.0.<i>:8000 with the given metrics fields."""
-    pool = EndpointPool()
-    pool.set_addresses(f"10.0.0.{i}:8000" for i in range(len(loads)))
-    for ep, fields in zip(pool.endpoints, loads, strict=True):
-        ep.metrics = EngineMetrics(**fields)
-        ep.scraped_at = NOW
-    return pool
-
-
-def scheduler(pool: EndpointPool, doc: dict[str, Any], seed: int = 0) -> Scheduler:
-    return Scheduler.from_config(Config.from_dict(doc), pool, clock=FakeClock(), rng=random.Random(seed))
+def scheduler(pool: EndpointPool, doc: dict[str, Any] | None = None, seed: int = 0) -> Scheduler:
+    config = Config() if doc is None else Config.from_document(doc)
+    return Scheduler.from_config(config, pool, clock=FakeClock(), rng=random.Random(seed))
 
 
 def scores(scorer: Any, *candidates: Endpoint, request: InferenceRequest | None = None) -> list[float]:
@@ -175,6 +166,50 @@ def test_session_affinity_prefers_last_endpoint_of_the_session() -> None:
     assert scores(scorer, a, b, request=InferenceRequest(session_key="bob")) == [1.0, 0.0]
 
 
+def lora_endpoint(address: str, running: set[str], waiting: set[str], max_lora: int | None) -> Endpoint:
+    metrics = EngineMetrics(
+        max_lora=max_lora,
+        running_loras=frozenset(running),
+        waiting_loras=frozenset(waiting),
+        loaded_loras=len(running | waiting),
+    )
+    return Endpoint(address, metrics=metrics, scraped_at=NOW)
+
+
+def test_lora_affinity_reference_scoring() -> None:
+    running = lora_endpoint("running", {"a"}, set(), 2)  # a loaded: 1.0
+    free = lora_endpoint("free", {"b"}, set(), 2)  # a slot free: 0.8
+    queued = lora_endpoint("queued", {"b"}, {"a"}, 2)  # a only waiting, slots full: 0.6
+    full = lora_endpoint("full", {"b", "c"}, set(), 2)  # a neither, no slot: 0
+    # Running and waiting share adapters in vLLM: each counts once, so a slot is still free.
+    shared = lora_endpoint("shared", {"b"}, {"b"}, 2)
+    no_lora = Endpoint("plain", metrics=EngineMetrics(), scraped_at=NOW)  # no LoRA reported
+    unknown = endpoint("new", waiting=None)
+    request = InferenceRequest(model="a")
+    got = scores(LoraAffinityScorer(), running, free, queued, full, shared, no_lora, unknown, request=request)
+    assert got == [1.0, 0.8, 0.6, 0.0, 0.8, 0.0, 0.0]
+
+
+def test_lora_affinity_treats_a_served_base_model_as_loaded() -> None:
+    base = lora_endpoint("base", {"b", "c"}, set(), 2)  # slots full, but the base model is resident
+    base.models = {"llama": None, "b": "llama", "c": "llama"}
+    other = lora_endpoint("other", set(), set(), 2)
+    other.models = {"llama": None}
+    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="llama")) == [1.0, 1.0]
+    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="")) == [0.0, 0.0]
+
+
+def test_lora_affinity_steers_adapter_requests_in_the_scheduler() -> None:
+    pool = pool_of({}, {}, {})
+    for ep, running in zip(pool.endpoints, ({"x"}, {"a"}, set()), strict=True):
+        ep.metrics = EngineMetrics(max_lora=1, running_loras=frozenset(running), loaded_loras=len(running))
+    sched = scheduler(pool, epp({"type": "lora-affinity-scorer", "weight": 1}))
+    for model, where in (("a", 1), ("x", 0), ("new", 2)):
+        result = sched.schedule(InferenceRequest(model=model), pool.endpoints)
+        assert result is not None and result.endpoints[0] is pool.endpoints[where]
+        assert result.reason == "lora-affinity-scorer"
+
+
 # --- picker --------------------------------------------------------------------------------------
 
 
@@ -182,16 +217,18 @@ def test_picker_clear_winner_always_wins_and_fallbacks_descend() -> None:
     eps = [endpoint(name) for name in "abcde"]
     values = [0.3, 2.5, 0.1, 1.9, 2.0]
     for seed in range(20):
-        picked = MaxScorePicker(random.Random(seed), fallbacks=3).pick(eps, values)
+        picked = MaxScorePicker(random.Random(seed), max_num_of_endpoints=4).pick(eps, values)
         assert [ep.address for ep in picked] == ["b", "e", "d", "a"]
-    assert MaxScorePicker(random.Random(0), fallbacks=0).pick(eps, values) == [eps[1]]
-    assert len(MaxScorePicker(random.Random(0), fallbacks=10).pick(eps, values)) == 5
+    assert MaxScorePicker(random.Random(0), max_num_of_endpoints=1).pick(eps, values) == [eps[1]]
+    assert len(MaxScorePicker(random.Random(0), max_num_of_endpoints=10).pick(eps, values)) == 5
 
 
 def test_picker_breaks_ties_at_random() -> None:
     eps = [endpoint("a"), endpoint("b"), endpoint("c")]
     winners = {
-        MaxScorePicker(random.Random(seed), fallbacks=0).pick(eps, [1.0, 1.0 + 1e-12, 0.5])[0].address
+        MaxScorePicker(random.Random(seed), max_num_of_endpoints=1)
+        .pick(eps, [1.0, 1.0 + 1e-12, 0.5])[0]
+        .address
         for seed in range(40)
     }
     assert winners == {"a", "b"}
@@ -205,27 +242,23 @@ def test_weights_from_yaml_decide_and_name_the_reason() -> None:
     loads = ({"waiting": 0, "kv_usage": 0.9}, {"waiting": 10, "kv_usage": 0.0})
 
     def decide(queue_weight: float, kv_weight: float) -> tuple[str, str]:
-        doc = {
-            "scheduling": {
-                "scorers": [
-                    {"type": "queue", "weight": queue_weight},
-                    {"type": "kv-cache-utilization", "weight": kv_weight},
-                ],
-                "picker": {"type": "max-score", "params": {"fallbacks": 1}},
-            }
-        }
+        doc = epp(
+            {"type": "queue-scorer", "weight": queue_weight},
+            {"type": "kv-cache-utilization-scorer", "weight": kv_weight},
+            picker={"maxNumOfEndpoints": 2},
+        )
         pool = pool_of(*loads)
         result = scheduler(pool, doc).schedule(InferenceRequest(), pool.endpoints)
         assert result is not None and len(result.endpoints) == 2
         return result.endpoints[0].address, result.reason
 
-    assert decide(1, 3) == ("10.0.0.1:8000", "kv-cache-utilization")
-    assert decide(5, 1) == ("10.0.0.0:8000", "queue")
+    assert decide(1, 3) == ("10.0.0.1:8000", "kv-cache-utilization-scorer")
+    assert decide(5, 1) == ("10.0.0.0:8000", "queue-scorer")
 
 
 def test_scheduler_special_reasons_and_no_candidate() -> None:
     pool = pool_of({}, {})
-    sched = scheduler(pool, {})
+    sched = scheduler(pool)
     assert sched.schedule(InferenceRequest(), []) is None
     only = sched.schedule(InferenceRequest(), pool.endpoints[1:])
     assert only is not None
@@ -242,7 +275,7 @@ def test_scheduler_ties_spread_across_seeds_and_count_decisions() -> None:
         before = REGISTRY.get_sample_value(
             "picker_decisions_total", {"endpoint": "10.0.0.0:8000", "reason": "tie"}
         )
-        sched = scheduler(pool, {"scheduling": {"scorers": ["queue"]}}, seed)
+        sched = scheduler(pool, epp("queue-scorer"), seed)
         result = sched.schedule(InferenceRequest(), pool.endpoints)
         assert result is not None and result.reason == "tie"
         winners.add(result.endpoints[0].address)
@@ -256,7 +289,7 @@ def test_scheduler_ties_spread_across_seeds_and_count_decisions() -> None:
 def test_scheduler_skips_unhealthy_endpoints() -> None:
     pool = pool_of({"waiting": 0}, {"waiting": 0}, {"waiting": 0})
     pool.endpoints[0].consecutive_failures = 2
-    sched = scheduler(pool, {"scheduling": {"scorers": ["inflight-load"]}})
+    sched = scheduler(pool, epp("inflight-load-scorer"))
     for _ in range(10):
         result = sched.schedule(InferenceRequest(), pool.endpoints)
         assert result is not None and pool.endpoints[0] not in result.endpoints
@@ -264,49 +297,38 @@ def test_scheduler_skips_unhealthy_endpoints() -> None:
 
 def test_default_config_builds_every_default_plugin() -> None:
     sched = Scheduler.from_config(Config(), pool_of({}))
-    assert [s.name for s in sched.scorers] == [
-        "queue",
-        "kv-cache-utilization",
-        "inflight-load",
-        "latency",
-        "prefix-cache",
+    assert sched.names == [
+        "queue-scorer",
+        "kv-cache-utilization-scorer",
+        "inflight-load-scorer",
+        "latency-scorer",
+        "prefix-cache-scorer",
+        "lora-affinity-scorer",
     ]
-    assert sched.weights == [2.0, 2.0, 1.0, 2.0, 3.0]
-    assert [f.name for f in sched.filters] == ["healthy"]
+    assert sched.weights == [2.0, 2.0, 1.0, 2.0, 3.0, 1.0]
+    assert [f.name for f in sched.filters] == ["healthy", "served-model"]
 
 
-@pytest.mark.parametrize(
-    ("scheduling", "message"),
-    [
-        (
-            SchedulingConfig(filters=(PluginSpec("nope"),)),
-            r"unknown filter type 'nope'; known: healthy",
-        ),
-        (SchedulingConfig(scorers=(PluginSpec("queue", params={"x": 1}),)), r"unknown params \['x'\]"),
-        (
-            SchedulingConfig(scorers=(PluginSpec("prefix-cache", params={"auto_tune": "yes"}),)),
-            r"'auto_tune' must be bool",
-        ),
-        (
-            SchedulingConfig(scorers=(PluginSpec("prefix-cache", params={"max_prefix_blocks": 0}),)),
-            r"scorer 'prefix-cache': max_prefix_blocks must be at least 1",
-        ),
-        (SchedulingConfig(scorers=(PluginSpec("queue", weight=-1),)), r"weight must be finite"),
-        (SchedulingConfig(picker=PluginSpec("max-score", params={"fallbacks": -1})), r"fallbacks"),
-        (SchedulingConfig(picker=PluginSpec("random")), r"unknown picker type 'random'"),
-    ],
-)
-def test_bad_plugin_config_fails_at_start_up(scheduling: SchedulingConfig, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        Scheduler(scheduling, PluginContext(EndpointPool()))
+def test_two_instances_of_one_scorer_are_named_apart_in_reasons() -> None:
+    # requests in flight favour a, prompt tokens in flight favour b: the heavier instance decides
+    pool = pool_of({}, {})
+    a, b = pool.endpoints
+    a.inflight_requests, a.inflight_tokens = 0, 50_000
+    b.inflight_requests, b.inflight_tokens = 6, 0
 
+    def decide(by_requests: float, by_tokens: float) -> tuple[str, str]:
+        doc = epp(
+            {"type": "inflight-load-scorer", "name": "by-requests", "weight": by_requests},
+            {
+                "type": "inflight-load-scorer",
+                "name": "by-tokens",
+                "weight": by_tokens,
+                "parameters": {"measure": "tokens"},
+            },
+        )
+        result = scheduler(pool, doc).schedule(InferenceRequest(), pool.endpoints)
+        assert result is not None
+        return result.endpoints[0].address, result.reason
 
-def test_build_plugin_fills_context_and_coerces_numbers() -> None:
-    ctx = PluginContext(EndpointPool(), MetricsConfig(stale_after=0.5), FakeClock())
-    healthy = build_plugin("filter", {"healthy": HealthyFilter}, PluginSpec("healthy"), ctx)
-    assert healthy.metrics.stale_after == 0.5 and healthy.clock is ctx.clock
-    spec = PluginSpec("prefix-cache", params={"max_load_gap": 3})
-    prefix = build_plugin("scorer", SCORERS, spec, ctx)
-    assert prefix.max_load_gap == 3.0 and isinstance(prefix.max_load_gap, float)
-    with pytest.raises(ValueError, match="accepted: none"):
-        build_plugin("filter", {"healthy": HealthyFilter}, PluginSpec("healthy", params={"a": 1}), ctx)
+    assert decide(3, 1) == (a.address, "by-requests")
+    assert decide(1, 3) == (b.address, "by-tokens")

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import orjson
 import pytest
 
 from picker.config import MetricsConfig
@@ -261,3 +262,42 @@ async def test_removed_endpoint_loses_its_series_connection_and_scrape(
     async with asyncio.timeout(2):  # the hanging scrape is cancelled, not left to time out
         await scraping
     assert routable(hung.address) is None and errors(hung.address, "timeout") is None
+
+
+def model_list(*cards: tuple[str, str | None]) -> bytes:
+    """A vLLM `/v1/models` answer: base models have no parent, adapters name theirs."""
+    data = [{"id": name, "object": "model", "root": name, "parent": parent} for name, parent in cards]
+    return orjson.dumps({"object": "list", "data": data})
+
+
+async def test_models_come_with_the_first_scrape_then_every_interval_on_one_connection(
+    replicas: StartReplicas, pool: EndpointPool
+) -> None:
+    (replica,) = await replicas(1)
+    replica.models_page = model_list(("llama", None), ("tuned", "llama"))
+    pool.set_addresses([replica.address])
+    endpoint = pool.get(replica.address)
+    assert endpoint is not None and endpoint.models is None  # unknown until it tells
+    rarely = Scraper(pool, MetricsConfig(models_interval=3600.0))
+    try:
+        await rarely.scrape_once()
+        assert endpoint.models == {"llama": None, "tuned": "llama"}
+        replica.models_page = model_list(("llama", None))
+        await rarely.scrape_once()
+        assert replica.model_fetches == 1 and "tuned" in endpoint.models  # not due yet
+    finally:
+        await rarely.aclose()
+    always = Scraper(pool, MetricsConfig(models_interval=0.0))
+    try:
+        await always.scrape_once()
+        assert endpoint.models == {"llama": None}
+        replica.lists_models = False  # the server lost the route: nothing can be concluded
+        await always.scrape_once()
+        assert endpoint.models is None and fresh(endpoint)
+        replica.lists_models, replica.models_page = True, b'{"object": "list", "data": "nope"}'
+        await always.scrape_once()
+        assert endpoint.models is None and replica.model_fetches == 4
+        assert len(replica.scrape_connections) == 2  # one per scraper: the 404 kept the connection
+        assert replica.requests == []  # polls, not traffic
+    finally:
+        await always.aclose()
