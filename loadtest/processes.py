@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
+import random
 import re
 import signal
 import socket
@@ -29,14 +31,33 @@ from vllm_sim.cli import parse_args as parse_sim_args
 _T = TypeVar("_T")
 
 READY_TIMEOUT = 30.0
+PORTS_FROM = 20000  # listening ports of the processes a test or run starts
 
 
 def free_port() -> int:
-    """A port free right now (for processes that take a port rather than report one)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free right now (for processes that take a port rather than report one).
+
+    Drawn below the kernel's ephemeral range: a port the kernel hands out itself can be taken, before
+    the process binds it, as the source port of one of the run's many loopback connections.
+    """
+    low = _ephemeral_low()
+    while True:
+        port = random.randrange(PORTS_FROM, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+@functools.cache
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return max(low, PORTS_FROM + 1000)
 
 
 async def poll_until(

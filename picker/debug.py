@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from picker.scheduling.scheduler import Scheduler
 
 
-def endpoints_view(pool: EndpointPool, scheduler: Scheduler, stale_after: float) -> dict[str, Any]:
-    now = time.monotonic()
+def endpoints_view(
+    pool: EndpointPool, scheduler: Scheduler, stale_after: float, now: float
+) -> dict[str, Any]:
     indexes = scheduler.prefix_indexes()
     rows = []
     for ep in pool.endpoints:
@@ -103,7 +104,7 @@ def app(
     """A WSGI app: the two debug views, and Prometheus for every other path."""
     metrics = make_wsgi_app(registry)
     views: dict[str, Callable[[], dict[str, Any]]] = {
-        "/debug/endpoints": lambda: endpoints_view(pool, scheduler, stale_after),
+        "/debug/endpoints": lambda: endpoints_view(pool, scheduler, stale_after, time.monotonic()),
         "/debug/decisions": lambda: decisions_view(scheduler),
     }
 

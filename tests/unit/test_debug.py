@@ -77,10 +77,10 @@ def test_the_last_decisions_are_kept_newest_first_and_bounded() -> None:
 
 def test_endpoint_view_shows_state_and_prefix_blocks_per_instance() -> None:
     pool, sched = scheduled(1)
-    rows = {row["address"]: row for row in endpoints_view(pool, sched, stale_after=1e9)["endpoints"]}
+    rows = {row["address"]: row for row in endpoints_view(pool, sched, stale_after=1e9, now=NOW)["endpoints"]}
     a, b = pool.endpoints
     assert rows[a.address]["prefix_blocks"] == {"short-prefixes": 4}  # 64 characters, 16 per block
     assert rows[b.address]["prefix_blocks"] == {"short-prefixes": 0}
     assert rows[b.address]["inflight_prompt_tokens"] == 9000 and rows[a.address]["freshness"] == "fresh"
-    stale = endpoints_view(pool, sched, stale_after=1.0)["endpoints"]  # scraped at NOW, long ago
+    stale = endpoints_view(pool, sched, stale_after=1.0, now=NOW + 2)["endpoints"]  # scraped 2 s ago
     assert [row["freshness"] for row in stale] == ["stale", "stale"]
