@@ -185,6 +185,14 @@ class TraceReplay:
     def warmup(self, rng: random.Random) -> list[Session]:
         return []  # the trace's own first requests warm the cache, as in production
 
+    @property
+    def mean_rate(self) -> float:
+        """Arrivals per second of the selected records as `sessions` times them (a ladder rescales
+        their gaps to reach each stage's rate, keeping the trace's bursts)."""
+        records = _records(self.path, self.first, self.start_s, self.end_s)
+        span = (records[-1].timestamp_ms - records[0].timestamp_ms) / 1000 * self.time_scale if records else 0
+        return (len(records) - 1) / span if span > 0 else 0.0
+
 
 @functools.lru_cache(maxsize=4)
 def _records(path: str, first: int | None, start_s: float, end_s: float | None) -> tuple[TraceRecord, ...]:
@@ -215,24 +223,39 @@ def with_params(workload: Workload, overrides: dict[str, str]) -> Workload:
     return replace(workload, **{k: types[k](v) for k, v in overrides.items()})  # type: ignore[type-var]
 
 
+class Deal:
+    """Client `index`'s share of the global session stream, taken window by window.
+
+    Every client process generates the same global stream and keeps the sessions dealt to it (in
+    proportion to `shares`), so they agree on who sends what without talking to each other. A
+    window cut at `max_requests` requests (turns) in all stops every client at the same place of
+    the stream, and the next window (a ladder's next stage) goes on from there.
+    """
+
+    def __init__(self, workload: Workload, seed: int, shares: list[int], index: int) -> None:
+        self._stream = enumerate(workload.sessions(random.Random(seed)))
+        self._owners = _owners(shares)
+        self._index = index
+
+    def take(self, max_requests: int | None) -> Iterator[Session]:
+        """This client's sessions of the next window (endless when `max_requests` is None)."""
+        sent = 0
+        while max_requests is None or sent < max_requests:
+            if (item := next(self._stream, None)) is None:
+                return  # a finite stream (a trace) has run out
+            number, session = item
+            if max_requests is not None:
+                session = session.truncated(max_requests - sent)
+                sent += len(session)
+            if self._owners[number % len(self._owners)] == self._index:
+                yield session
+
+
 def assigned_sessions(
     workload: Workload, seed: int, shares: list[int], index: int, max_requests: int | None
 ) -> Iterator[Session]:
-    """Client `index`'s sessions: the global stream dealt out in proportion to `shares`.
-
-    The global stream is cut at `max_requests` requests (turns) in all, so every client process,
-    generating the same stream, agrees on who sends what without talking to the others.
-    """
-    owners = _owners(shares)
-    sent = 0
-    for number, session in enumerate(workload.sessions(random.Random(seed))):
-        if max_requests is not None:
-            if sent >= max_requests:
-                return
-            session = session.truncated(max_requests - sent)
-            sent += len(session)
-        if owners[number % len(owners)] == index:
-            yield session
+    """Client `index`'s sessions of a single window of at most `max_requests` requests in all."""
+    return Deal(workload, seed, shares, index).take(max_requests)
 
 
 def assigned_warmup(workload: Workload, seed: int, shares: list[int], index: int) -> list[Session]:
@@ -243,5 +266,8 @@ def assigned_warmup(workload: Workload, seed: int, shares: list[int], index: int
 
 
 def _owners(shares: list[int]) -> list[int]:
-    """Who sends the sessions of one round: each client as many as its share of the concurrency."""
-    return [client for client, share in enumerate(shares) for _ in range(share)]
+    """Who sends the sessions of one round: each client as many as its share of the concurrency,
+    interleaved, so every client's sessions are spread over the stream (each open-loop client
+    then sends at its share of the rate from the first session on)."""
+    turns = sorted(((k + 0.5) / share, client) for client, share in enumerate(shares) for k in range(share))
+    return [client for _, client in turns]
