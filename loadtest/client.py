@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import random
 import sys
@@ -31,6 +32,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from loadtest.oracle import OracleRouter
 from loadtest.workloads import (
     Deal,
     Session,
@@ -77,6 +79,8 @@ class ClientJob:
     # A ladder: one window per stage, each released by its own `go` and written to its own
     # result file; empty: a single window as max_requests, duration and request_rate say.
     stages: list[Stage] = field(default_factory=list)
+    router: str = "round-robin"  # over `targets`; or "oracle" (`loadtest.oracle`: targets are replicas)
+    slo_ttft_p90_ms: float | None = None  # the SLO the oracle routes by
 
     @property
     def concurrency(self) -> int:
@@ -229,11 +233,19 @@ class Client:
         self._targets = itertools.islice(itertools.cycle(job.targets), job.index, None)
         self._paths = {True: "/v1/chat/completions", False: "/v1/completions"}
         self._deadline = float("inf")
+        self._oracle = (
+            OracleRouter(http, job.targets, job.slo_ttft_p90_ms) if job.router == "oracle" else None
+        )
         self._workload = from_dict(job.workload)
         self._deal = Deal(self._workload, job.seed, job.shares, job.index)
 
-    def _url(self, chat: bool) -> str:
-        return next(self._targets) + self._paths[chat]
+    async def _url(self, body: dict[str, Any], chat: bool) -> str:
+        """The next target round-robin, or the oracle's pick (round-robin if its probes fail)."""
+        target = next(self._targets)
+        if self._oracle is not None:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError):
+                target = await self._oracle.pick(body)
+        return target + self._paths[chat]
 
     async def warm_up(self) -> None:
         """Open connections and exercise every hop with short unrelated prompts, then send this
@@ -331,7 +343,7 @@ class Client:
             if time.monotonic() >= self._deadline:
                 return False
             body = request_body(self.job.model, session, turn, history)
-            outcome = await stream_request(self.http, self._url(session.chat), body)
+            outcome = await stream_request(self.http, await self._url(body, session.chat), body)
             record(outcome)
             if outcome.error:
                 break  # a conversation cannot go on without its answer

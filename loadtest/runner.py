@@ -238,6 +238,8 @@ def _jobs(
             ramp_up=plan.ramp_up,
             request_rate=plan.request_rate,
             stages=list(stages),
+            router="oracle" if stack.mode == "oracle" else "round-robin",
+            slo_ttft_p90_ms=plan.slo_ttft_p90_ms,
         )
         for i, share in enumerate(shares)
     ]
