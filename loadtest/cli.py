@@ -43,9 +43,17 @@ from loadtest.stats import (
     meets_slo,
     ratio,
 )
-from loadtest.workloads import MultiTurn, SharedPrefix, TraceReplay, Uniform, Workload, with_params
+from loadtest.workloads import (
+    CachePressure,
+    MultiTurn,
+    SharedPrefix,
+    TraceReplay,
+    Uniform,
+    Workload,
+    with_params,
+)
 
-WORKLOADS = ("uniform", "shared-prefix", "multi-turn", "heterogeneous", "trace")
+WORKLOADS = ("uniform", "shared-prefix", "cache-pressure", "multi-turn", "heterogeneous", "trace")
 DEFAULT_PROFILES = {"heterogeneous": ("h100-8b", "l40s-8b")}  # fast and slow, alternating
 TABLE = (  # short terminal headers for the key metrics
     ("out tok/s", OUTPUT_TPS),
@@ -68,11 +76,17 @@ DEMO_REQUESTS = 1280
 
 
 def build_workload(name: str, pool: PoolSpec, overrides: dict[str, str]) -> Workload:
-    """The named workload with `--set` overrides; shared-prefix groups sized to the pool's KV cache."""
+    """The named workload with `--set` overrides; shared-prefix groups and cache-pressure tiers
+    sized to the pool's KV cache unless set."""
     if name == "shared-prefix":
         workload = with_params(SharedPrefix(), overrides)
         assert isinstance(workload, SharedPrefix)
         return workload if "groups" in overrides else workload.sized_for(pool.kv_tokens, pool.replicas)
+    if name == "cache-pressure":
+        pressure = with_params(CachePressure(), overrides)
+        assert isinstance(pressure, CachePressure)
+        tiers = {"hot_groups", "warm_groups", "cold_groups"}
+        return pressure if tiers & set(overrides) else pressure.sized_for(pool.kv_tokens, pool.replicas)
     if name == "multi-turn":
         return with_params(MultiTurn(), overrides)
     return with_params(Uniform(), overrides)

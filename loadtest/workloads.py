@@ -13,6 +13,10 @@ and multi-turn, ~3.4 for uniform's rare words. No two random prompts share a blo
   (the shape of llm-d's prefix benchmark), sized with `SharedPrefix.sized_for` so the prefixes
   together exceed one replica's KV cache but fit in the pool's. Its warm-up asks every group once,
   through the mode under test, so the measured window is the steady state, not the cold start.
+- `CachePressure`: prequal's cache-pressure shape: shared prefixes in tiers of popularity (a few
+  hot groups take 30% of the requests, more warm ones 40%, many cold ones 30%), sized with
+  `CachePressure.sized_for` so that all prefixes together are 2-3x the pool's KV cache: no
+  routing keeps every prefix cached, and the hit rate measures which ones it chooses to keep.
 - `MultiTurn`: chat conversations whose every turn resends the whole history, answers included.
 - `TraceReplay`: a Mooncake-format trace (`loadtest.trace`): each record one completion whose
   prompt shares text with the others exactly where their hash ids are equal, sent at the trace's
@@ -140,6 +144,58 @@ class SharedPrefix:
 
 
 @dataclass(frozen=True, slots=True)
+class CachePressure:
+    kind: ClassVar[str] = "cache-pressure"
+    hot_groups: int = 8  # prequal's tiers: 8 hot, 72 warm, 220 cold groups
+    warm_groups: int = 72
+    cold_groups: int = 220
+    hot_share: float = 0.3  # of the requests; cold groups take the rest
+    warm_share: float = 0.4
+    prefix_tokens: int = 6000
+    question_tokens: int = 400
+    output_tokens: int = 128
+
+    @property
+    def groups(self) -> int:
+        return self.hot_groups + self.warm_groups + self.cold_groups
+
+    @property
+    def min_requests(self) -> int:
+        """Each warm group asked a few times in the measured window."""
+        return math.ceil(3 * self.warm_groups / self.warm_share)
+
+    def sessions(self, rng: random.Random) -> Iterator[Session]:
+        prefixes = self._prefixes(rng)
+        tiers = (
+            (0, self.hot_groups),
+            (self.hot_groups, self.warm_groups),
+            (self.hot_groups + self.warm_groups, self.cold_groups),
+        )
+        weights = (self.hot_share, self.warm_share, max(0.0, 1.0 - self.hot_share - self.warm_share))
+        while True:
+            first, count = rng.choices(tiers, weights)[0]
+            system = prefixes[first + rng.randrange(count)]
+            yield Session((random_text(rng, self.question_tokens),), (self.output_tokens,), system=system)
+
+    def warmup(self, rng: random.Random) -> list[Session]:
+        """One one-token request per hot and warm group (same prefixes as `sessions`): the cold
+        ones are not expected to stay cached anyway."""
+        popular = self._prefixes(rng)[: self.hot_groups + self.warm_groups]
+        return [Session((random_text(rng, self.question_tokens),), (1,), system=system) for system in popular]
+
+    def _prefixes(self, rng: random.Random) -> list[str]:
+        return [random_text(rng, self.prefix_tokens) for _ in range(self.groups)]
+
+    def sized_for(self, kv_tokens: int, replicas: int, pressure: float = 2.5) -> CachePressure:
+        """Groups in the same proportions as now, enough that all prefixes take `pressure` x the
+        pool's KV cache (`kv_tokens` per replica); at least one group per tier."""
+        total = math.ceil(pressure * replicas * kv_tokens / self.prefix_tokens)
+        hot = max(1, round(total * self.hot_groups / self.groups))
+        warm = max(1, round(total * self.warm_groups / self.groups))
+        return replace(self, hot_groups=hot, warm_groups=warm, cold_groups=max(1, total - hot - warm))
+
+
+@dataclass(frozen=True, slots=True)
 class MultiTurn:
     kind: ClassVar[str] = "multi-turn"
     min_requests: ClassVar[int] = 0
@@ -199,9 +255,9 @@ def _records(path: str, first: int | None, start_s: float, end_s: float | None) 
     return tuple(load_trace(path, first=first, start_s=start_s, end_s=end_s))
 
 
-KINDS: dict[str, type[Uniform] | type[SharedPrefix] | type[MultiTurn] | type[TraceReplay]] = {
-    w.kind: w for w in (Uniform, SharedPrefix, MultiTurn, TraceReplay)
-}
+KINDS: dict[
+    str, type[Uniform] | type[SharedPrefix] | type[CachePressure] | type[MultiTurn] | type[TraceReplay]
+] = {w.kind: w for w in (Uniform, SharedPrefix, CachePressure, MultiTurn, TraceReplay)}
 
 
 def to_dict(workload: Workload) -> dict[str, Any]:
