@@ -298,6 +298,9 @@ def print_results(console: Console, results: report.Results) -> None:
         versus = report.format_ratio(results.capacity_ratio(mode))
         baseline = report.CAPACITY_BASELINE
         console.print(f"capacity at the SLO  {mode}: {report.format_capacity(cap)} ({versus} {baseline})")
+    for k in results.ladder_checks():
+        measured = "-" if k.value is None else f"{k.value:.3f}"
+        console.print(f"{k.target}: {measured}  " + ("[green]met[/]" if k.met else "[red]missed[/]"))
     if saturated := results.saturated():
         console.print(f"[yellow]warning: host CPU (nearly) full while measuring {', '.join(saturated)}[/]")
     for concurrency, check in results.checks():
@@ -347,15 +350,19 @@ def _table(concurrency: int, modes: dict[str, ModeResult]) -> Table:
 
 
 def main(args: argparse.Namespace) -> None:
-    argv = sys.argv[1:]
     try:
         plan = plan_from_args(args)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    run_and_report(plan)
+
+
+def run_and_report(plan: RunPlan) -> None:
+    """Run the plan, print the tables and write the report (whatever was measured, if it failed)."""
     console = Console()
     if not console.is_terminal:  # a log or CI: rich would wrap at 80 columns
         console = Console(width=120)
-    command = _command(argv)
+    command = _command(sys.argv[1:])
     console.print(f"[bold]{command}[/]: {plan.workload_name} {asdict(plan.workload)}, writing to {plan.out}")
     results = report.Results(
         plan.workload_name, {"command": command, **plan.describe()}, slo_ttft_p90_ms=plan.slo_ttft_p90_ms

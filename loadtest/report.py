@@ -29,7 +29,7 @@ from loadtest.stats import (
     meets_slo,
     ratio,
 )
-from loadtest.targets import Check, check
+from loadtest.targets import Check, LadderCheck, check, check_ladders
 
 BASELINES = ("direct", "envoy-rr")
 CAPACITY_BASELINE = "envoy-rr"
@@ -52,6 +52,9 @@ class Results:
 
     def capacities(self) -> dict[str, Capacity]:
         return {mode: capacity(stages, self.slo_ttft_p90_ms) for mode, stages in self.ladder.items()}
+
+    def ladder_checks(self) -> list[LadderCheck]:
+        return check_ladders(self.workload, self.ladder, self.slo_ttft_p90_ms)
 
     def capacity_ratio(self, mode: str, baseline: str = CAPACITY_BASELINE) -> float | None:
         """Capacity over the baseline's (None when either met no stage or was not run)."""
@@ -98,6 +101,9 @@ class Results:
                 ]
                 for mode, stages in self.ladder.items()
             }
+            doc["ladder_targets"] = [
+                {"target": str(k.target), "value": k.value, "met": k.met} for k in self.ladder_checks()
+            ]
             doc["capacity"] = {
                 mode: asdict(cap) | {f"vs {CAPACITY_BASELINE}": self.capacity_ratio(mode)}
                 for mode, cap in self.capacities().items()
@@ -204,6 +210,12 @@ def _ladder(results: Results) -> list[str]:
             f"| {mode} | {format_capacity(cap)} | {format_ratio(results.capacity_ratio(mode))} | {note} |"
         )
     lines.append("")
+    if checks := results.ladder_checks():
+        lines += ["| target | measured | met |", "| --- | --- | --- |"]
+        for k in checks:
+            measured = "-" if k.value is None else f"{k.value:.3f}"
+            lines.append(f"| {k.target} | {measured} | {'yes' if k.met else '**no**'} |")
+        lines.append("")
     headers = [
         "rate /s",
         "requests",

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from loadtest import capacity as capacity_command
 from loadtest import cli, report
 from loadtest.client import Stage
 from loadtest.runner import LADDER_CONCURRENCY, LADDER_STAGE_SECONDS
+from loadtest.stack import MODES
 from loadtest.stats import Capacity, ModeResult, capacity, meets_slo
+from loadtest.targets import check_ladders
+from loadtest.workloads import CachePressure
 from tests.loadtest.test_results import mode_result
+from tests.loadtest.test_trace import write_trace
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -101,3 +106,50 @@ def test_report_states_capacity_and_its_ratio_to_envoy_rr(tmp_path: Path) -> Non
     text = report.write(results, tmp_path).read_text()
     assert "| picker | 6 req/s | 3.00x |" in text
     assert "### Ladder: envoy-rr" in text
+
+
+def hit(ttft_p90: float, hit_rate: float) -> ModeResult:
+    return replace(stage(ttft_p90), prefix_cache_hit_rate=hit_rate)
+
+
+def test_ladder_targets_of_a_preset_skip_modes_that_did_not_run() -> None:
+    ladders = {
+        "envoy-rr": {2.0: hit(300, 0.2), 4.0: hit(900, 0.2), 6.0: hit(4000, 0.2)},
+        "picker": {2.0: hit(100, 0.6), 4.0: hit(200, 0.7), 6.0: hit(400, 0.7)},
+        "oracle": {2.0: hit(100, 0.7), 4.0: hit(150, 0.7)},
+    }
+    checks = {str(k.target): k for k in check_ladders("cache-pressure", ladders, 1000)}
+    assert set(checks) == {"picker hit rate >= 0.9 x oracle", "picker capacity >= 1.3 x envoy-rr"}  # no x2/x3
+    assert (
+        checks["picker capacity >= 1.3 x envoy-rr"].value == 1.5
+        and checks["picker capacity >= 1.3 x envoy-rr"].met
+    )
+    hits = checks["picker hit rate >= 0.9 x oracle"]  # over the stages both ran: (0.6 + 0.7) / (0.7 + 0.7)
+    assert hits.value == pytest.approx(1.3 / 1.4) and hits.met
+    trace = {str(k.target): k for k in check_ladders("trace", ladders, 1000)}
+    at_rr_capacity = trace["picker TTFT p90 at baseline capacity <= 0.5 x envoy-rr"]  # at 4/s: 200 vs 900
+    assert at_rr_capacity.value == pytest.approx(200 / 900) and at_rr_capacity.met
+
+
+def test_several_pickers_must_stay_within_3_points_of_one() -> None:
+    ladders = {"picker": {2.0: hit(100, 0.70)}, "picker-x2": {2.0: hit(100, 0.66)}}
+    checks = {str(k.target): k for k in check_ladders("cache-pressure", ladders, 1000)}
+    lost = checks["picker-x2 hit rate within 3 points of picker"]
+    assert lost.value == pytest.approx(0.04) and not lost.met
+    assert checks["picker-x2 capacity >= 0.95 x picker"].met  # both >= 2/s
+
+
+def test_capacity_presets_plan_a_ladder_with_the_existing_modes(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    capacity_command.add_arguments(parser, "capacity")
+    trace = write_trace(tmp_path / "trace.jsonl")
+    for preset in sorted(capacity_command.PRESETS):
+        args = parser.parse_args(["--preset", preset, "--trace", str(trace), "--out", str(tmp_path)])
+        plan = capacity_command.plan_for(args)
+        assert plan.workload_name == preset and len(plan.ladder) >= 5 and plan.slo_ttft_p90_ms
+        assert set(plan.modes) <= set(MODES) and {"envoy-rr", "picker", "oracle"} <= set(plan.modes)
+    pressure = capacity_command.plan_for(parser.parse_args(["--preset", "cache-pressure", "--rates", "3,1"]))
+    assert pressure.ladder == (1.0, 3.0)
+    assert isinstance(pressure.workload, CachePressure)
+    pool_tokens = pressure.pool.replicas * pressure.pool.kv_tokens
+    assert 2.2 <= pressure.workload.groups * pressure.workload.prefix_tokens / pool_tokens <= 2.8
