@@ -1,13 +1,16 @@
 """The oracle router: the load client routes each request itself, knowing every replica's prefix
 cache and queue exactly (the simulator's `POST /sim/cache_probe`), as no real router can.
 
-It is the upper bound a report compares picker against (hit rate as a share of the oracle's,
-capacity beside it). Rule: among the replicas whose estimated time to first token still meets the
-SLO, the one with the longest cache hit (ties: the lower estimate); when none meets it, the lowest
-estimate; without an SLO, the lowest estimate. Per request it costs one `/tokenize` and one probe
-per replica, tokens sent as ids so the simulator tokenizes the prompt once more, not once per
-replica. Two requests probed at the same instant see the same state (what was routed but has not
-arrived yet is not counted): at the rates a 2-core machine drives that is rarely the case.
+It is the bound a report compares picker against (hit rate as a share of the oracle's, capacity
+beside it): the best a router deciding one request at a time can know, not an offline optimum
+(a router that plans where groups live before they arrive could keep more of them cached).
+
+Rule: among the replicas whose estimated time to first token still meets the SLO, the one with
+the longest cache hit (ties: the lower estimate); when none meets it, the lowest estimate; without
+an SLO, the lowest estimate. Per request it costs one `/tokenize` and one probe per replica, the
+tokens sent as ids so the simulator tokenizes the prompt once more, not once per replica. Two
+requests probed at the same instant see the same state (what was routed but has not arrived yet
+is not counted): at the rates a 2-core machine drives that is rarely the case.
 """
 
 from __future__ import annotations

@@ -71,8 +71,18 @@ class RunPlan:
             "workload": to_dict(self.workload),
             "modes": list(self.modes),
             "concurrency": list(self.concurrencies),
-            "requests per mode": [self.requests_at(c) for c in self.concurrencies],
-            "duration per mode (s)": self.duration,
+            **(
+                {
+                    "each stage": f"{self.requests} requests"
+                    if self.requests
+                    else f"{self.stages()[-1].duration} s"
+                }
+                if self.ladder
+                else {
+                    "requests per mode": [self.requests_at(c) for c in self.concurrencies],
+                    "duration per mode (s)": self.duration,
+                }
+            ),
             "replicas": pool.replicas,
             "profiles": pool.replica_profiles,
             "KV tokens per replica": pool.kv_tokens,
