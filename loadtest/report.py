@@ -138,6 +138,8 @@ def write(results: Results, out: Path) -> Path:
     """Write results.json, the plots and report.md into `out`; return the report's path."""
     write_json(results, out)
     images = plots.write_all(results.runs, out)
+    if results.ladder:
+        images["ladder"] = plots.ladder(results.ladder, results.slo_ttft_p90_ms, out / "ladder.png")
     report = out / "report.md"
     report.write_text(render_markdown(results, images))
     return report
@@ -167,7 +169,7 @@ def render_markdown(results: Results, images: dict[str, Path]) -> str:
             "seconds for whose), not routing. Re-run on a quieter machine or with `--repeat`.",
             "",
         ]
-    lines += _ladder(results)
+    lines += _ladder(results, images)
     if checks := results.checks():
         lines += ["## Targets", "", "| concurrency | target | measured | met |", "| --- | --- | --- | --- |"]
         for c, k in checks:
@@ -186,7 +188,7 @@ def format_capacity(cap: Capacity) -> str:
     return (">= " if cap.at_least else "") + f"{cap.rate:g} req/s"
 
 
-def _ladder(results: Results) -> list[str]:
+def _ladder(results: Results, images: dict[str, Path]) -> list[str]:
     """The headline (capacity at the SLO per mode) and every mode's ladder."""
     if not results.ladder:
         return []
@@ -216,6 +218,8 @@ def _ladder(results: Results) -> list[str]:
             measured = "-" if k.value is None else f"{k.value:.3f}"
             lines.append(f"| {k.target} | {measured} | {'yes' if k.met else '**no**'} |")
         lines.append("")
+    if "ladder" in images:
+        lines += [f"![rate ladder]({images['ladder'].name})", ""]
     headers = [
         "rate /s",
         "requests",
@@ -223,6 +227,8 @@ def _ladder(results: Results) -> list[str]:
         *(m.label for m in LADDER),
         "recomputed tokens / req",
         "meets SLO",
+        "client cores",
+        "host CPU busy",
     ]
     for mode, stages in results.ladder.items():
         lines += [f"### Ladder: {mode}", "", "| " + " | ".join(headers) + " |", "| --- " * len(headers) + "|"]
@@ -230,11 +236,17 @@ def _ladder(results: Results) -> list[str]:
             cells = [
                 f"{rate:g}", str(r.requests), f"{r.errors} ({failure_rate(r):.1%})",
                 *(format_value(m, m.of(r)) for m in LADDER), format_value(RECOMPUTED, RECOMPUTED.of(r)),
-                "yes" if meets_slo(r, slo) else "**no**",
+                "yes" if meets_slo(r, slo) else "**no**", f"{_client_cores(r):.2f}", f"{r.host_cpu_busy:.0%}",
             ]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _client_cores(r: ModeResult) -> float:
+    """Cores the load clients used: near 1 per client process means the client, not the pool, limits."""
+    seconds = sum(v for role, v in r.cpu_seconds.items() if role.startswith("client-"))
+    return seconds / r.duration_s if r.duration_s else 0.0
 
 
 def _setting(value: Any) -> str:

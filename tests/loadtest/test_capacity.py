@@ -105,7 +105,7 @@ def test_report_states_capacity_and_its_ratio_to_envoy_rr(tmp_path: Path) -> Non
     assert [s["meets_slo"] for s in doc["ladder"]["envoy-rr"]] == [True, False, False, False]
     text = report.write(results, tmp_path).read_text()
     assert "| picker | 6 req/s | 3.00x |" in text
-    assert "### Ladder: envoy-rr" in text
+    assert "### Ladder: envoy-rr" in text and (tmp_path / "ladder.png").exists()
 
 
 def hit(ttft_p90: float, hit_rate: float) -> ModeResult:
