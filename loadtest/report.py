@@ -29,10 +29,11 @@ from loadtest.stats import (
     meets_slo,
     ratio,
 )
-from loadtest.targets import Check, LadderCheck, check, check_ladders
+from loadtest.targets import Check, LadderCheck, check, check_ladders, mean_hit_rates
 
 BASELINES = ("direct", "envoy-rr")
 CAPACITY_BASELINE = "envoy-rr"
+ORACLE = "oracle"
 SATURATED = 0.9  # host CPU busy share above which a mode's numbers measure CPU contention
 
 
@@ -55,6 +56,13 @@ class Results:
 
     def ladder_checks(self) -> list[LadderCheck]:
         return check_ladders(self.workload, self.ladder, self.slo_ttft_p90_ms)
+
+    def hit_share_of_oracle(self, mode: str) -> float | None:
+        """The mode's mean hit rate over the oracle's, on the stages both ran."""
+        if mode not in self.ladder or ORACLE not in self.ladder:
+            return None
+        mine, oracle = mean_hit_rates(self.ladder[mode], self.ladder[ORACLE], self.slo_ttft_p90_ms)
+        return None if mine is None or not oracle else mine / oracle
 
     def capacity_ratio(self, mode: str, baseline: str = CAPACITY_BASELINE) -> float | None:
         """Capacity over the baseline's (None when either met no stage or was not run)."""
@@ -105,7 +113,12 @@ class Results:
                 {"target": str(k.target), "value": k.value, "met": k.met} for k in self.ladder_checks()
             ]
             doc["capacity"] = {
-                mode: asdict(cap) | {f"vs {CAPACITY_BASELINE}": self.capacity_ratio(mode)}
+                mode: asdict(cap)
+                | {
+                    f"vs {CAPACITY_BASELINE}": self.capacity_ratio(mode),
+                    f"vs {ORACLE}": self.capacity_ratio(mode, ORACLE),
+                    f"hit rate vs {ORACLE}": self.hit_share_of_oracle(mode),
+                }
                 for mode, cap in self.capacities().items()
             }
         doc["targets"] = [
@@ -198,19 +211,25 @@ def _ladder(results: Results, images: dict[str, Path]) -> list[str]:
         "## Capacity at the SLO",
         "",
         f"The highest request rate whose stage, and every stage below it, met {condition} at most "
-        "1% failed requests. Each mode ran its ladder on one warm stack, rates ascending.",
+        "1% failed requests. Each mode ran its ladder on one warm stack, rates ascending. Hit rate vs "
+        "the oracle: mean prefix hit rate over the stages both ran within the SLO (all they both ran if "
+        "none).",
         "",
-        f"| mode | capacity | vs {CAPACITY_BASELINE} | note |",
-        "| --- | --- | --- | --- |",
+        f"| mode | capacity | vs {CAPACITY_BASELINE} | vs {ORACLE} | hit rate vs {ORACLE} | note |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for mode, cap in results.capacities().items():
         note = (
             f"met again at {', '.join(f'{r:g}' for r in cap.unsteady)}/s after a miss" if cap.unsteady else ""
         )
         note = note or ("every stage met: the ladder is too short" if cap.at_least else "")
-        lines.append(
-            f"| {mode} | {format_capacity(cap)} | {format_ratio(results.capacity_ratio(mode))} | {note} |"
-        )
+        share = results.hit_share_of_oracle(mode)
+        cells = [
+            mode, format_capacity(cap), format_ratio(results.capacity_ratio(mode)),
+            format_ratio(results.capacity_ratio(mode, ORACLE)), "-" if share is None else f"{share:.0%}",
+            note,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if checks := results.ladder_checks():
         lines += ["| target | measured | met |", "| --- | --- | --- |"]

@@ -20,6 +20,7 @@ from loadtest.stats import (
     Metric,
     ModeResult,
     capacity,
+    meets_slo,
     ratio,
 )
 
@@ -75,7 +76,7 @@ class LadderTarget:
     """A bound on `mode` against `baseline` over their ladders.
 
     - `capacity`: capacity at the SLO / the baseline's (>= bound);
-    - `hit rate`: mean prefix hit rate over the stages both ran / the baseline's (>= bound);
+    - `hit rate`: mean prefix hit rate / the baseline's (>= bound), see `mean_hit_rates`;
     - `hit points lost`: the same means' difference, baseline minus mode (<= bound);
     - `TTFT p90 at baseline capacity`: TTFT p90 / the baseline's at the highest rate where the
       baseline met the SLO (<= bound).
@@ -110,8 +111,7 @@ class LadderTarget:
             if rate is None or rate not in mine:
                 return None
             return ratio(TTFT_P90, mine[rate], base[rate])
-        common = sorted(set(mine) & set(base))
-        mine_hit, base_hit = _mean_hit_rate(mine, common), _mean_hit_rate(base, common)
+        mine_hit, base_hit = mean_hit_rates(mine, base, slo_ttft_p90_ms)
         if mine_hit is None or base_hit is None:
             return None
         if self.measure == "hit points lost":
@@ -119,9 +119,22 @@ class LadderTarget:
         return mine_hit / base_hit if base_hit else None
 
 
-def _mean_hit_rate(stages: Mapping[float, ModeResult], rates: list[float]) -> float | None:
-    values = [v for rate in rates if (v := stages[rate].prefix_cache_hit_rate) is not None]
-    return sum(values) / len(values) if values else None
+def mean_hit_rates(
+    mine: Mapping[float, ModeResult], base: Mapping[float, ModeResult], slo_ttft_p90_ms: float | None
+) -> tuple[float | None, float | None]:
+    """Each ladder's mean prefix hit rate over the rates both ran within the SLO (all they both
+    ran if none): past its capacity a pool's queues decide what stays cached, not its routing."""
+    common = sorted(set(mine) & set(base))
+    within = [
+        r for r in common if meets_slo(mine[r], slo_ttft_p90_ms) and meets_slo(base[r], slo_ttft_p90_ms)
+    ]
+    common = within or common
+
+    def mean(stages: Mapping[float, ModeResult]) -> float | None:
+        values = [v for rate in common if (v := stages[rate].prefix_cache_hit_rate) is not None]
+        return sum(values) / len(values) if values else None
+
+    return mean(mine), mean(base)
 
 
 @dataclass(frozen=True, slots=True)
