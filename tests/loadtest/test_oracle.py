@@ -15,6 +15,13 @@ def test_within_the_slo_the_longest_cache_hit_wins() -> None:
     assert choose(probes, 500.0) == 3  # 8192 cached but too slow; 4096 twice: the faster one
 
 
+def test_a_prefix_cached_nowhere_goes_home_while_home_meets_the_slo() -> None:
+    probes = [Probe(0, 50.0), Probe(0, 300.0), Probe(0, 900.0)]
+    assert choose(probes, 500.0, home=1) == 1  # not the shortest queue: the same place every time
+    assert choose(probes, 500.0, home=2) == 0  # home too slow: the lowest estimate within the SLO
+    assert choose([Probe(16, 400.0), Probe(0, 50.0)], 500.0, home=1) == 0  # a hit beats home
+
+
 def test_when_no_replica_meets_the_slo_the_lowest_estimate_wins() -> None:
     probes = [Probe(8192, 2000.0), Probe(0, 700.0), Probe(4096, 700.0)]
     assert choose(probes, 500.0) == 2  # equal estimates: the longer hit
