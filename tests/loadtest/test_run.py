@@ -199,7 +199,8 @@ async def test_a_rate_ladder_measures_every_stage_and_states_capacity(tmp_path: 
         assert [s["rate"] for s in stages] == [10.0, 20.0]
         assert all((s["requests"], s["errors"], s["meets_slo"]) == (12, 0, True) for s in stages), mode
         assert all(s["recomputed_prompt_tokens_per_request"] > 0 for s in stages)
-        assert doc["capacity"][mode] == {"rate": 20.0, "at_least": True, "unsteady": [], "vs envoy-rr": 1.0}
+        headline = {"rate": 20.0, "at_least": True, "unsteady": [], "vs envoy-rr": 1.0, "vs oracle": 1.0}
+        assert doc["capacity"][mode].items() >= headline.items()
     # The oracle sends every request to the replica holding its group's prefix (primed in warm-up).
     for oracle, rr in zip(doc["ladder"]["oracle"], doc["ladder"]["envoy-rr"], strict=True):
         assert (
