@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import httpx
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -372,7 +373,7 @@ def run_and_report(plan: RunPlan) -> None:
         asyncio.run(execute(plan, results, console))
     except KeyboardInterrupt:
         failure = "interrupted"
-    except (RuntimeError, TimeoutError, OSError) as exc:  # a process failed to start or died
+    except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:  # a process failed or died
         failure = f"{type(exc).__name__}: {exc}"
     if results.runs or results.ladder:  # whatever was measured is still reported
         path = report.write(results, plan.out)
