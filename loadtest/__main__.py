@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {  # command -> (module, one-line help)
     "run": ("loadtest.cli", "run a workload against several routing modes, with a report"),
     "demo": ("loadtest.cli", "direct vs envoy-rr vs picker on a shared-prefix workload"),
+    "capacity": ("loadtest.capacity", "capacity at an SLO on a preset workload (rate ladder per mode)"),
     "chaos": ("loadtest.chaos", "fault scenarios under load (kills, freezes, restarts), with a report"),
     "soak": ("loadtest.soak", "steady load for minutes: the picker's memory and descriptors over time"),
     "bench-decision": ("loadtest.bench_decision", "in-process decision latency of the scheduler"),

@@ -5,6 +5,9 @@
         [--speed X] [--num-gpu-blocks B] [--set name=value ...] [--repeat N] [--ramp-up S] --out DIR
     python -m loadtest run --workload trace --trace mooncake.jsonl [--trace-requests N |
         --trace-window START:END] [--time-scale F] ...   # replay a Mooncake-format trace
+    python -m loadtest run --workload shared-prefix --modes envoy-rr,picker,oracle \
+        --request-rate 4,6,8,10 --slo-ttft-p90 500 [--duration S | --requests N per stage] ...
+        # capacity at an SLO: a rate ladder per mode on one warm stack, after a warm-up stage
     python -m loadtest demo      # the README's first command
 """
 
@@ -19,18 +22,39 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import httpx
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from loadtest import report
-from loadtest.runner import RunPlan, run_plan
+from loadtest.runner import LADDER_CONCURRENCY, RunPlan, run_ladder, run_plan
 from loadtest.stack import MODES, PoolSpec
-from loadtest.stats import E2E_P99, HIT_RATE, OUTPUT_TPS, TOTAL_TPS, TPOT_P50, TTFT_P90, ModeResult, ratio
-from loadtest.workloads import MultiTurn, SharedPrefix, TraceReplay, Uniform, Workload, with_params
+from loadtest.stats import (
+    E2E_P99,
+    HIT_RATE,
+    LADDER,
+    OUTPUT_TPS,
+    RECOMPUTED,
+    TOTAL_TPS,
+    TPOT_P50,
+    TTFT_P90,
+    ModeResult,
+    meets_slo,
+    ratio,
+)
+from loadtest.workloads import (
+    CachePressure,
+    MultiTurn,
+    SharedPrefix,
+    TraceReplay,
+    Uniform,
+    Workload,
+    with_params,
+)
 
-WORKLOADS = ("uniform", "shared-prefix", "multi-turn", "heterogeneous", "trace")
+WORKLOADS = ("uniform", "shared-prefix", "cache-pressure", "multi-turn", "heterogeneous", "trace")
 DEFAULT_PROFILES = {"heterogeneous": ("h100-8b", "l40s-8b")}  # fast and slow, alternating
 TABLE = (  # short terminal headers for the key metrics
     ("out tok/s", OUTPUT_TPS),
@@ -53,11 +77,17 @@ DEMO_REQUESTS = 1280
 
 
 def build_workload(name: str, pool: PoolSpec, overrides: dict[str, str]) -> Workload:
-    """The named workload with `--set` overrides; shared-prefix groups sized to the pool's KV cache."""
+    """The named workload with `--set` overrides; shared-prefix groups and cache-pressure tiers
+    sized to the pool's KV cache unless set."""
     if name == "shared-prefix":
         workload = with_params(SharedPrefix(), overrides)
         assert isinstance(workload, SharedPrefix)
         return workload if "groups" in overrides else workload.sized_for(pool.kv_tokens, pool.replicas)
+    if name == "cache-pressure":
+        pressure = with_params(CachePressure(), overrides)
+        assert isinstance(pressure, CachePressure)
+        tiers = {"hot_groups", "warm_groups", "cold_groups"}
+        return pressure if tiers & set(overrides) else pressure.sized_for(pool.kv_tokens, pool.replicas)
     if name == "multi-turn":
         return with_params(MultiTurn(), overrides)
     return with_params(Uniform(), overrides)
@@ -96,6 +126,17 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _rates(text: str) -> list[float]:
+    """One rate, or a ladder `4,6,8`: positive numbers, ascending once sorted."""
+    try:
+        values = [float(item) for item in _list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive rates, got {text!r}")
+    return sorted(set(values))
+
+
 def _modes(text: str) -> list[str]:
     modes = _list(text)
     unknown = sorted(set(modes) - set(MODES))
@@ -120,14 +161,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     run = parser
     run.add_argument("--workload", choices=WORKLOADS, required=True)
     run.add_argument("--modes", type=_modes, default=list(MODES), help="comma-separated (all four)")
-    run.add_argument("--concurrency", type=_ints, default=[32], help="one value, or a sweep: 8,32,128")
+    run.add_argument(
+        "--concurrency", type=_ints,
+        help="one value, or a sweep: 8,32,128 (default 32; a rate ladder: a cap of "
+        f"{LADDER_CONCURRENCY} streams, so queueing happens in the replicas, not the client)",
+    )  # fmt: skip
     amount = run.add_mutually_exclusive_group()
     amount.add_argument(
         "--requests",
         type=int,
-        help="requests per mode (default 10 x concurrency; shared-prefix: at least 10 per group)",
+        help="requests per mode, or per ladder stage (default 10 x concurrency; shared-prefix: at "
+        "least 10 per group)",
     )
-    amount.add_argument("--duration", type=float, help="seconds per mode instead of a request count")
+    amount.add_argument(
+        "--duration", type=float, help="seconds per mode (or ladder stage) instead of a request count"
+    )
     run.add_argument("--replicas", type=int, default=4)
     run.add_argument("--profiles", type=_list, help="simulator profiles, cycled over the replicas")
     run.add_argument("--speed", type=float, default=1.0, help="simulated time runs this much faster")
@@ -148,9 +196,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "first burst does not dominate TTFT percentiles",
     )  # fmt: skip
     run.add_argument(
-        "--request-rate", type=float, metavar="R",
+        "--request-rate", type=_rates, metavar="R[,R...]",
         help="open loop: requests arrive at R/s (Poisson) and --concurrency only caps them, as "
-        "`vllm bench serve --request-rate`; above a mode's capacity its queue (and TTFT) grows",
+        "`vllm bench serve --request-rate`; above a mode's capacity its queue (and TTFT) grows. "
+        "Several rates make a ladder (capacity at an SLO): one stage per rate, ascending, on one "
+        "warm stack per mode, each stage --duration seconds (default 20) or --requests requests. "
+        "A trace's rate is its mean arrival rate: its gaps are scaled to reach it (bursts kept)",
+    )  # fmt: skip
+    run.add_argument(
+        "--slo-ttft-p90", type=float, metavar="MS",
+        help="a ladder's SLO: capacity is the highest rate with TTFT p90 <= MS and <= 1%% failures "
+        "(the oracle mode also routes by it)",
+    )  # fmt: skip
+    run.add_argument(
+        "--warmup-stage", type=float, default=10.0, metavar="S",
+        help="a ladder's unmeasured first stage: S seconds at the first rate (0: none)",
     )  # fmt: skip
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--request-timeout", type=float, default=600.0)
@@ -185,19 +245,27 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
     pool = PoolSpec(args.replicas, profiles, args.speed, args.num_gpu_blocks)
     traced = args.workload == "trace"
     workload = trace_workload(args) if traced else build_workload(args.workload, pool, dict(args.set))
+    rates = args.request_rate or []
+    ladder = tuple(rates) if len(rates) > 1 else ()
+    if ladder and args.repeat > 1:
+        raise ValueError("a rate ladder runs each mode once (--repeat applies to single runs)")
+    concurrency = args.concurrency or [LADDER_CONCURRENCY if ladder else 32]
     return RunPlan(
         workload_name=args.workload,
         workload=workload,
         modes=tuple(args.modes),
-        concurrencies=tuple(sorted(set(args.concurrency))),
+        concurrencies=tuple(sorted(set(concurrency))),
         pool=pool,
         out=args.out or Path("results") / f"{args.workload}-{stamp}",
-        requests=args.requests or (workload.min_requests if traced else None),
+        requests=args.requests or (workload.min_requests if traced and not ladder else None),
         duration=args.duration,
         clients=args.clients,
         repeats=args.repeat,
         ramp_up=args.ramp_up,
-        request_rate=args.request_rate,
+        request_rate=None if ladder or not rates else rates[0],
+        ladder=ladder,
+        warmup_stage=args.warmup_stage,
+        slo_ttft_p90_ms=args.slo_ttft_p90,
         seed=args.seed,
         request_timeout=args.request_timeout,
         picker_args=tuple(args.picker_arg),
@@ -212,6 +280,11 @@ async def execute(plan: RunPlan, results: report.Results, console: Console) -> N
     """Run the plan under a live progress bar; results.json is rewritten after every mode."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
+        if plan.ladder:
+            async for rate, mode, result in run_ladder(plan, progress):
+                results.add_stage(rate, mode, result)
+                await asyncio.to_thread(report.write_json, results, plan.out)
+            return
         async for concurrency, mode, result in run_plan(plan, progress):
             results.add(concurrency, mode, result)
             await asyncio.to_thread(report.write_json, results, plan.out)
@@ -220,11 +293,43 @@ async def execute(plan: RunPlan, results: report.Results, console: Console) -> N
 def print_results(console: Console, results: report.Results) -> None:
     for concurrency, modes in sorted(results.runs.items()):
         console.print(_table(concurrency, modes))
+    for mode, stages in results.ladder.items():
+        console.print(_ladder_table(mode, stages, results.slo_ttft_p90_ms))
+    for mode, cap in results.capacities().items():
+        versus = report.format_ratio(results.capacity_ratio(mode))
+        baseline = report.CAPACITY_BASELINE
+        console.print(f"capacity at the SLO  {mode}: {report.format_capacity(cap)} ({versus} {baseline})")
+    for k in results.ladder_checks():
+        measured = "-" if k.value is None else f"{k.value:.3f}"
+        console.print(f"{k.target}: {measured}  " + ("[green]met[/]" if k.met else "[red]missed[/]"))
     if saturated := results.saturated():
         console.print(f"[yellow]warning: host CPU (nearly) full while measuring {', '.join(saturated)}[/]")
     for concurrency, check in results.checks():
         mark = "[green]met[/]" if check.met else "[red]missed[/]"
         console.print(f"c={concurrency}  {check.target}: {report.format_ratio(check.ratio)}  {mark}")
+
+
+def _ladder_table(mode: str, stages: dict[float, ModeResult], slo: float | None) -> Table:
+    table = Table(title=f"{mode}: rate ladder", box=box.SIMPLE_HEAD)
+    for header in (
+        "rate /s",
+        "ok",
+        "err",
+        "TTFT p50\nms",
+        "TTFT p90\nms",
+        "TTFT p99\nms",
+        "out tok/s",
+        "prefix\nhits",
+        "recomputed\ntok/req",
+        "SLO",
+    ):
+        table.add_column(header, justify="right")
+    for rate, r in sorted(stages.items()):
+        cells = [report.format_value(m, m.of(r)) for m in (*LADDER, RECOMPUTED)]
+        table.add_row(
+            f"{rate:g}", str(r.completed), str(r.errors), *cells, "met" if meets_slo(r, slo) else "missed"
+        )
+    return table
 
 
 def _table(concurrency: int, modes: dict[str, ModeResult]) -> Table:
@@ -246,25 +351,31 @@ def _table(concurrency: int, modes: dict[str, ModeResult]) -> Table:
 
 
 def main(args: argparse.Namespace) -> None:
-    argv = sys.argv[1:]
     try:
         plan = plan_from_args(args)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    run_and_report(plan)
+
+
+def run_and_report(plan: RunPlan) -> None:
+    """Run the plan, print the tables and write the report (whatever was measured, if it failed)."""
     console = Console()
     if not console.is_terminal:  # a log or CI: rich would wrap at 80 columns
         console = Console(width=120)
-    command = _command(argv)
+    command = _command(sys.argv[1:])
     console.print(f"[bold]{command}[/]: {plan.workload_name} {asdict(plan.workload)}, writing to {plan.out}")
-    results = report.Results(plan.workload_name, {"command": command, **plan.describe()})
+    results = report.Results(
+        plan.workload_name, {"command": command, **plan.describe()}, slo_ttft_p90_ms=plan.slo_ttft_p90_ms
+    )
     failure = None
     try:
         asyncio.run(execute(plan, results, console))
     except KeyboardInterrupt:
         failure = "interrupted"
-    except (RuntimeError, TimeoutError, OSError) as exc:  # a process failed to start or died
+    except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:  # a process failed or died
         failure = f"{type(exc).__name__}: {exc}"
-    if results.runs:  # whatever was measured is still reported
+    if results.runs or results.ladder:  # whatever was measured is still reported
         path = report.write(results, plan.out)
         print_results(console, results)
         console.print(f"Report: [bold]{path}[/] (data: {plan.out / 'results.json'})")

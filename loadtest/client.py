@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import random
 import sys
@@ -31,11 +32,12 @@ from typing import Any
 import aiohttp
 import orjson
 
+from loadtest.oracle import OracleRouter
 from loadtest.workloads import (
+    Deal,
     Session,
     SharedPrefix,
     TraceReplay,
-    assigned_sessions,
     assigned_warmup,
     from_dict,
     random_text,
@@ -45,6 +47,18 @@ from vllm_sim import REPLICA_HEADER
 PROGRESS_INTERVAL = 0.25
 WARMUP_PROMPT_TOKENS = 32
 WARMUP_OUTPUT_TOKENS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One window of a request-rate ladder: open-loop arrivals at `rate` per second over all
+    clients (Poisson; a trace keeps its own arrival pattern, its gaps rescaled to that mean rate),
+    until `max_requests` have been sent in all or `duration` seconds have passed. The window ends
+    when its last request does, so a stage's backlog never spills into the next one."""
+
+    rate: float
+    max_requests: int | None = None
+    duration: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +76,23 @@ class ClientJob:
     ramp_up: float = 0.0  # seconds over which all clients' workers start, evenly (0: all at once)
     request_rate: float | None = None  # open loop: sessions per second over all clients (Poisson)
     request_timeout: float = 600.0
+    # A ladder: one window per stage, each released by its own `go` and written to its own
+    # result file; empty: a single window as max_requests, duration and request_rate say.
+    stages: list[Stage] = field(default_factory=list)
+    router: str = "round-robin"  # over `targets`; or "oracle" (`loadtest.oracle`: targets are replicas)
+    slo_ttft_p90_ms: float | None = None  # the SLO the oracle routes by
 
     @property
     def concurrency(self) -> int:
         return self.shares[self.index]
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ClientJob:
+        return cls(**doc | {"stages": [Stage(**stage) for stage in doc.get("stages", ())]})
+
+    def window_path(self, number: int) -> Path:
+        """Where window `number`'s result goes."""
+        return Path(self.result_path if not self.stages else f"{self.result_path}.{number}")
 
 
 @dataclass(slots=True)
@@ -206,9 +233,19 @@ class Client:
         self._targets = itertools.islice(itertools.cycle(job.targets), job.index, None)
         self._paths = {True: "/v1/chat/completions", False: "/v1/completions"}
         self._deadline = float("inf")
+        self._oracle = (
+            OracleRouter(http, job.targets, job.slo_ttft_p90_ms) if job.router == "oracle" else None
+        )
+        self._workload = from_dict(job.workload)
+        self._deal = Deal(self._workload, job.seed, job.shares, job.index)
 
-    def _url(self, chat: bool) -> str:
-        return next(self._targets) + self._paths[chat]
+    async def _url(self, body: dict[str, Any], chat: bool) -> str:
+        """The next target round-robin, or the oracle's pick (round-robin if its probes fail)."""
+        target = next(self._targets)
+        if self._oracle is not None:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError):
+                target = await self._oracle.pick(body)
+        return target + self._paths[chat]
 
     async def warm_up(self) -> None:
         """Open connections and exercise every hop with short unrelated prompts, then send this
@@ -220,26 +257,30 @@ class Client:
         ]
         outcomes: list[Outcome] = []
         await asyncio.gather(*(self._converse(probe, outcomes.append) for probe in probes))
-        workload = from_dict(self.job.workload)
-        primes = assigned_warmup(workload, self.job.seed, self.job.shares, self.job.index)
+        primes = assigned_warmup(self._workload, self.job.seed, self.job.shares, self.job.index)
         await self._drive(iter(primes), outcomes.append, ramp_up=0.0)
         failed = Counter(o.error for o in outcomes if o.error)
         if failed:
             raise RuntimeError(f"warm-up failed: {dict(failed)}")
 
-    async def run(self) -> ClientResult:
+    async def run(self, stage: Stage | None = None, number: int = 0) -> ClientResult:
+        """One measured window: the job's own, or stage `number` of its ladder; each window takes
+        the sessions after the previous window's."""
         job = self.job
-        sessions = assigned_sessions(
-            from_dict(job.workload), job.seed, job.shares, job.index, job.max_requests
+        self.result = ClientResult()
+        max_requests, duration = (
+            (job.max_requests, job.duration) if stage is None else (stage.max_requests, stage.duration)
         )
+        sessions = self._deal.take(max_requests)
         cpu = time.process_time()
         self.result.started = time.monotonic()
-        if job.duration is not None:
-            self._deadline = self.result.started + job.duration
-        if job.request_rate is not None:
-            await self._arrive(self._poisson(sessions, job.request_rate * job.concurrency / sum(job.shares)))
-        elif job.workload["kind"] == TraceReplay.kind:
-            await self._arrive((session, session.at or 0.0) for session in sessions)
+        self._deadline = float("inf") if duration is None else self.result.started + duration
+        rate = job.request_rate if stage is None else stage.rate
+        if isinstance(self._workload, TraceReplay):
+            factor = 1.0 if rate is None else self._workload.mean_rate / rate
+            await self._arrive((session, (session.at or 0.0) * factor) for session in sessions)
+        elif rate is not None:
+            await self._arrive(self._poisson(sessions, rate * job.concurrency / sum(job.shares), number))
         else:
             await self._drive(sessions, self._record, job.ramp_up)
         self.result.ended = time.monotonic()
@@ -262,9 +303,12 @@ class Client:
 
         await asyncio.gather(*(worker((first + i) * step) for i in range(job.concurrency)))
 
-    def _poisson(self, sessions: Iterator[Session], rate: float) -> Iterator[tuple[Session, float]]:
-        """Each session with its arrival time: a seeded Poisson process of `rate` per second."""
-        rng = random.Random(f"arrivals-{self.job.seed}-{self.job.index}")
+    def _poisson(
+        self, sessions: Iterator[Session], rate: float, number: int
+    ) -> Iterator[tuple[Session, float]]:
+        """Each session with its arrival time: a seeded Poisson process of `rate` per second
+        (seeded per client and window)."""
+        rng = random.Random(f"arrivals-{self.job.seed}-{self.job.index}" + (f"-{number}" if number else ""))
         at = 0.0
         for session in sessions:
             yield session, at
@@ -299,7 +343,7 @@ class Client:
             if time.monotonic() >= self._deadline:
                 return False
             body = request_body(self.job.model, session, turn, history)
-            outcome = await stream_request(self.http, self._url(session.chat), body)
+            outcome = await stream_request(self.http, await self._url(body, session.chat), body)
             record(outcome)
             if outcome.error:
                 break  # a conversation cannot go on without its answer
@@ -386,27 +430,31 @@ def emit(message: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def report_progress(result: ClientResult) -> None:
+async def report_progress(client: Client) -> None:
     while True:
         await asyncio.sleep(PROGRESS_INTERVAL)
-        emit({"done": result.finished, "errors": sum(result.errors.values())})
+        emit({"done": client.result.finished, "errors": sum(client.result.errors.values())})
 
 
-async def measure(job: ClientJob) -> ClientResult | None:
-    """Warm up, report ready, and run once the runner says go (None if it went away instead)."""
+async def measure(job: ClientJob) -> None:
+    """Warm up, report ready, then run each window once the runner says go and write its result
+    (stop early if the runner goes away instead)."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
     timeout = aiohttp.ClientTimeout(total=job.request_timeout, sock_connect=10)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         client = Client(job, http)
         await client.warm_up()
         emit({"ready": True})
-        if (await asyncio.to_thread(sys.stdin.readline)).strip() != "go":
-            return None
-        progress = asyncio.create_task(report_progress(client.result))
-        try:
-            return await client.run()
-        finally:
-            progress.cancel()
+        for number, stage in enumerate(job.stages or [None]):
+            if (await asyncio.to_thread(sys.stdin.readline)).strip() != "go":
+                return
+            progress = asyncio.create_task(report_progress(client))
+            try:
+                result = await client.run(stage, number)
+            finally:
+                progress.cancel()
+            await asyncio.to_thread(result.dump, job.window_path(number))
+            emit({"done": result.finished, "errors": sum(result.errors.values()), "finished": True})
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -414,7 +462,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    job = ClientJob(**orjson.loads(sys.stdin.readline()))
+    job = ClientJob.from_json(orjson.loads(sys.stdin.readline()))
     try:
         import uvloop
     except ImportError:  # not built for every platform
@@ -423,10 +471,7 @@ def main(args: argparse.Namespace) -> None:
         loop_factory = uvloop.new_event_loop
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            result = runner.run(measure(job))
+            runner.run(measure(job))
     except Exception as exc:
         emit({"error": f"{type(exc).__name__}: {exc}"})
         raise SystemExit(1) from exc
-    if result is not None:
-        result.dump(Path(job.result_path))
-        emit({"done": result.finished, "errors": sum(result.errors.values()), "finished": True})

@@ -1,4 +1,5 @@
-"""PNG plots for report.md: latency percentiles and throughput per mode, throughput vs concurrency."""
+"""PNG plots for report.md: latency percentiles and throughput per mode, throughput vs concurrency,
+and a rate ladder's TTFT p90 and hit rate against the offered rate."""
 
 from __future__ import annotations
 
@@ -71,6 +72,26 @@ def sweep(runs: dict[int, dict[str, ModeResult]], path: Path) -> Path:
         ax.set_title(title)
     axes[0][0].legend()
     fig.suptitle("Throughput vs concurrency")
+    return _save(fig, path)
+
+
+def ladder(stages: dict[str, dict[float, ModeResult]], slo_ttft_p90_ms: float | None, path: Path) -> Path:
+    """TTFT p90 (log scale, the SLO as a line) and prefix hit rate of every mode against the rate."""
+    fig, (ttft, hits) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, results in stages.items():
+        rates = sorted(results)
+        ttft.plot(rates, [results[r].ttft_ms.get("p90", float("nan")) for r in rates], marker="o", label=mode)
+        hit_rates = [results[r].prefix_cache_hit_rate for r in rates]
+        hits.plot(rates, [float("nan") if h is None else h for h in hit_rates], marker="o", label=mode)
+    if slo_ttft_p90_ms is not None:
+        ttft.axhline(slo_ttft_p90_ms, color="grey", linestyle="--", label="SLO")
+    ttft.set_yscale("log")
+    ttft.set_title("TTFT p90 (ms)")
+    hits.set_title("prefix hit rate")
+    for ax in (ttft, hits):
+        ax.set_xlabel("offered rate (req/s)")
+    ttft.legend()
+    fig.suptitle("Rate ladder")
     return _save(fig, path)
 
 

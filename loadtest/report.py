@@ -2,6 +2,8 @@
 
 `results.json` keeps the issue's shape for one concurrency (`workload`, `concurrency`, `modes`);
 a sweep adds `sweep`, one such entry per concurrency, and the top level mirrors the highest one.
+A rate ladder adds `ladder` (per mode, one entry per stage) and `capacity` (per mode, the highest
+rate meeting the SLO and its ratio to envoy-rr).
 """
 
 from __future__ import annotations
@@ -14,10 +16,24 @@ from typing import Any
 import orjson
 
 from loadtest import plots
-from loadtest.stats import RATIOS, SUMMARY, Metric, ModeResult, ratio
-from loadtest.targets import Check, check
+from loadtest.stats import (
+    LADDER,
+    RATIOS,
+    RECOMPUTED,
+    SUMMARY,
+    Capacity,
+    Metric,
+    ModeResult,
+    capacity,
+    failure_rate,
+    meets_slo,
+    ratio,
+)
+from loadtest.targets import Check, LadderCheck, check, check_ladders, mean_hit_rates
 
 BASELINES = ("direct", "envoy-rr")
+CAPACITY_BASELINE = "envoy-rr"
+ORACLE = "oracle"
 SATURATED = 0.9  # host CPU busy share above which a mode's numbers measure CPU contention
 
 
@@ -26,9 +42,35 @@ class Results:
     workload: str
     settings: dict[str, Any]  # workload parameters, pool, request counts, command line, ...
     runs: dict[int, dict[str, ModeResult]] = field(default_factory=dict)  # concurrency -> mode -> result
+    ladder: dict[str, dict[float, ModeResult]] = field(default_factory=dict)  # mode -> rate -> result
+    slo_ttft_p90_ms: float | None = None
 
     def add(self, concurrency: int, mode: str, result: ModeResult) -> None:
         self.runs.setdefault(concurrency, {})[mode] = result
+
+    def add_stage(self, rate: float, mode: str, result: ModeResult) -> None:
+        self.ladder.setdefault(mode, {})[rate] = result
+
+    def capacities(self) -> dict[str, Capacity]:
+        return {mode: capacity(stages, self.slo_ttft_p90_ms) for mode, stages in self.ladder.items()}
+
+    def ladder_checks(self) -> list[LadderCheck]:
+        return check_ladders(self.workload, self.ladder, self.slo_ttft_p90_ms)
+
+    def hit_share_of_oracle(self, mode: str) -> float | None:
+        """The mode's mean hit rate over the oracle's, on the stages both ran."""
+        if mode not in self.ladder or ORACLE not in self.ladder:
+            return None
+        mine, oracle = mean_hit_rates(self.ladder[mode], self.ladder[ORACLE], self.slo_ttft_p90_ms)
+        return None if mine is None or not oracle else mine / oracle
+
+    def capacity_ratio(self, mode: str, baseline: str = CAPACITY_BASELINE) -> float | None:
+        """Capacity over the baseline's (None when either met no stage or was not run)."""
+        capacities = self.capacities()
+        if mode not in capacities or baseline not in capacities:
+            return None
+        mine, base = capacities[mode].rate, capacities[baseline].rate
+        return None if mine is None or not base else mine / base
 
     def checks(self) -> list[tuple[int, Check]]:
         return [(c, result) for c, modes in self.runs.items() for result in check(self.workload, modes)]
@@ -40,6 +82,11 @@ class Results:
             for c, modes in sorted(self.runs.items())
             for mode, r in modes.items()
             if r.host_cpu_busy >= SATURATED
+        ] + [
+            f"{mode} {rate:g}/s ({r.host_cpu_busy:.0%})"
+            for mode, stages in self.ladder.items()
+            for rate, r in sorted(stages.items())
+            if r.host_cpu_busy >= SATURATED
         ]
 
     def to_json(self) -> dict[str, Any]:
@@ -47,9 +94,33 @@ class Results:
             {"concurrency": c, "modes": {mode: asdict(r) for mode, r in modes.items()}}
             for c, modes in sorted(self.runs.items())
         ]
-        doc: dict[str, Any] = {"workload": self.workload, **entries[-1], "settings": self.settings}
+        doc: dict[str, Any] = {
+            "workload": self.workload,
+            **(entries[-1] if entries else {}),
+            "settings": self.settings,
+        }
         if len(entries) > 1:
             doc["sweep"] = entries
+        if self.ladder:
+            doc["ladder"] = {
+                mode: [
+                    {"rate": rate, "meets_slo": meets_slo(r, self.slo_ttft_p90_ms), **asdict(r)}
+                    for rate, r in sorted(stages.items())
+                ]
+                for mode, stages in self.ladder.items()
+            }
+            doc["ladder_targets"] = [
+                {"target": str(k.target), "value": k.value, "met": k.met} for k in self.ladder_checks()
+            ]
+            doc["capacity"] = {
+                mode: asdict(cap)
+                | {
+                    f"vs {CAPACITY_BASELINE}": self.capacity_ratio(mode),
+                    f"vs {ORACLE}": self.capacity_ratio(mode, ORACLE),
+                    f"hit rate vs {ORACLE}": self.hit_share_of_oracle(mode),
+                }
+                for mode, cap in self.capacities().items()
+            }
         doc["targets"] = [
             {"concurrency": c, "target": str(k.target), "ratio": k.ratio, "met": k.met}
             for c, k in self.checks()
@@ -80,6 +151,8 @@ def write(results: Results, out: Path) -> Path:
     """Write results.json, the plots and report.md into `out`; return the report's path."""
     write_json(results, out)
     images = plots.write_all(results.runs, out)
+    if results.ladder:
+        images["ladder"] = plots.ladder(results.ladder, results.slo_ttft_p90_ms, out / "ladder.png")
     report = out / "report.md"
     report.write_text(render_markdown(results, images))
     return report
@@ -109,6 +182,7 @@ def render_markdown(results: Results, images: dict[str, Path]) -> str:
             "seconds for whose), not routing. Re-run on a quieter machine or with `--repeat`.",
             "",
         ]
+    lines += _ladder(results, images)
     if checks := results.checks():
         lines += ["## Targets", "", "| concurrency | target | measured | met |", "| --- | --- | --- | --- |"]
         for c, k in checks:
@@ -119,6 +193,79 @@ def render_markdown(results: Results, images: dict[str, Path]) -> str:
     if "sweep" in images:
         lines += ["## Throughput vs concurrency", "", f"![throughput vs concurrency]({images['sweep'].name})"]
     return "\n".join(lines)
+
+
+def format_capacity(cap: Capacity) -> str:
+    if cap.rate is None:
+        return "below the first stage"
+    return (">= " if cap.at_least else "") + f"{cap.rate:g} req/s"
+
+
+def _ladder(results: Results, images: dict[str, Path]) -> list[str]:
+    """The headline (capacity at the SLO per mode) and every mode's ladder."""
+    if not results.ladder:
+        return []
+    slo = results.slo_ttft_p90_ms
+    condition = f"TTFT p90 <= {slo:g} ms and" if slo is not None else "(no TTFT SLO given)"
+    lines = [
+        "## Capacity at the SLO",
+        "",
+        f"The highest request rate whose stage, and every stage below it, met {condition} at most "
+        "1% failed requests. Each mode ran its ladder on one warm stack, rates ascending. Hit rate vs "
+        "the oracle: mean prefix hit rate over the stages both ran within the SLO (all they both ran if "
+        "none).",
+        "",
+        f"| mode | capacity | vs {CAPACITY_BASELINE} | vs {ORACLE} | hit rate vs {ORACLE} | note |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode, cap in results.capacities().items():
+        note = (
+            f"met again at {', '.join(f'{r:g}' for r in cap.unsteady)}/s after a miss" if cap.unsteady else ""
+        )
+        note = note or ("every stage met: the ladder is too short" if cap.at_least else "")
+        share = results.hit_share_of_oracle(mode)
+        cells = [
+            mode, format_capacity(cap), format_ratio(results.capacity_ratio(mode)),
+            format_ratio(results.capacity_ratio(mode, ORACLE)), "-" if share is None else f"{share:.0%}",
+            note,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if checks := results.ladder_checks():
+        lines += ["| target | measured | met |", "| --- | --- | --- |"]
+        for k in checks:
+            measured = "-" if k.value is None else f"{k.value:.3f}"
+            lines.append(f"| {k.target} | {measured} | {'yes' if k.met else '**no**'} |")
+        lines.append("")
+    if "ladder" in images:
+        lines += [f"![rate ladder]({images['ladder'].name})", ""]
+    headers = [
+        "rate /s",
+        "requests",
+        "failed",
+        *(m.label for m in LADDER),
+        "recomputed tokens / req",
+        "meets SLO",
+        "client cores",
+        "host CPU busy",
+    ]
+    for mode, stages in results.ladder.items():
+        lines += [f"### Ladder: {mode}", "", "| " + " | ".join(headers) + " |", "| --- " * len(headers) + "|"]
+        for rate, r in sorted(stages.items()):
+            cells = [
+                f"{rate:g}", str(r.requests), f"{r.errors} ({failure_rate(r):.1%})",
+                *(format_value(m, m.of(r)) for m in LADDER), format_value(RECOMPUTED, RECOMPUTED.of(r)),
+                "yes" if meets_slo(r, slo) else "**no**", f"{_client_cores(r):.2f}", f"{r.host_cpu_busy:.0%}",
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _client_cores(r: ModeResult) -> float:
+    """Cores the load clients used: near 1 per client process means the client, not the pool, limits."""
+    seconds = sum(v for role, v in r.cpu_seconds.items() if role.startswith("client-"))
+    return seconds / r.duration_s if r.duration_s else 0.0
 
 
 def _setting(value: Any) -> str:

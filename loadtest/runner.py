@@ -3,6 +3,12 @@
 Per mode: start the stack, start the clients (each warms up, then reports ready), snapshot the
 replicas' counters and every process's CPU, release all clients at once, follow their progress,
 snapshot again, tear down. Only the window between the snapshots is measured.
+
+A request-rate ladder (capacity at an SLO) measures one window per stage on the same stack, rates
+ascending, after an unmeasured warm-up stage at the first rate: that is how a capacity test of a
+serving pool goes (llm-d's and prequal's ladders run against one deployment), the caches stay as
+the mode's routing left them, and a fresh stack per stage would measure cold caches at every rate.
+Each stage drains before the next starts, so a stage's backlog is charged to the stage that made it.
 """
 
 from __future__ import annotations
@@ -23,15 +29,17 @@ from typing import Any
 import orjson
 from rich.progress import Progress, TaskID
 
-from loadtest.client import ClientJob, ClientResult
+from loadtest.client import ClientJob, ClientResult, Stage
 from loadtest.observe import HostCpu, counter_delta, process_cpu, scrape_counters
 from loadtest.processes import log_tail, stop_process
 from loadtest.stack import PoolSpec, Stack, start_stack
-from loadtest.stats import Measurement, ModeResult, summarize
+from loadtest.stats import Measurement, ModeResult, meets_slo, summarize
 from loadtest.workloads import Workload, to_dict
 
 STREAMS_PER_CLIENT = 64  # concurrent streams one client process handles without saturating
 MAX_WARMUP = 16
+LADDER_CONCURRENCY = 1024  # a ladder's default cap on open streams: high, so the replicas queue
+LADDER_STAGE_SECONDS = 20.0  # a ladder stage's length when neither requests nor duration is given
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,10 @@ class RunPlan:
     repeats: int = 1  # measure each mode this many times, interleaved, and pool the samples
     ramp_up: float = 0.0  # seconds over which the closed-loop workers start
     request_rate: float | None = None  # open loop: Poisson arrivals per second, concurrency caps them
+    ladder: tuple[float, ...] = ()  # rates (/s) of a capacity ladder, ascending; each a stage
+    warmup_stage: float = 10.0  # seconds at the ladder's first rate before measuring (0: none)
+    slo_ttft_p90_ms: float | None = None  # the SLO capacity is measured at (and the oracle routes by)
+    max_misses: int = 2  # stop a mode's ladder after this many stages in a row miss the SLO
 
     def describe(self) -> dict[str, Any]:
         """The settings a report states (JSON-able)."""
@@ -59,8 +71,18 @@ class RunPlan:
             "workload": to_dict(self.workload),
             "modes": list(self.modes),
             "concurrency": list(self.concurrencies),
-            "requests per mode": [self.requests_at(c) for c in self.concurrencies],
-            "duration per mode (s)": self.duration,
+            **(
+                {
+                    "each stage": f"{self.requests} requests"
+                    if self.requests
+                    else f"{self.stages()[-1].duration} s"
+                }
+                if self.ladder
+                else {
+                    "requests per mode": [self.requests_at(c) for c in self.concurrencies],
+                    "duration per mode (s)": self.duration,
+                }
+            ),
             "replicas": pool.replicas,
             "profiles": pool.replica_profiles,
             "KV tokens per replica": pool.kv_tokens,
@@ -68,10 +90,30 @@ class RunPlan:
             "client processes": self.clients or "auto",
             "repeats": self.repeats,
             "ramp-up (s)": self.ramp_up,
-            "request rate (/s)": self.request_rate or "closed loop",
+            "request rate (/s)": list(self.ladder) or self.request_rate or "closed loop",
+            **(self._ladder_settings() if self.ladder else {}),
             "seed": self.seed,
             "picker args": list(self.picker_args),
         }
+
+    def _ladder_settings(self) -> dict[str, Any]:
+        return {
+            "warm-up stage (s)": self.warmup_stage,
+            "SLO TTFT p90 (ms)": self.slo_ttft_p90_ms,
+            "stop after misses in a row": self.max_misses,
+        }
+
+    def stages(self) -> list[Stage]:
+        """The ladder's windows: the warm-up stage (if any), then one per rate."""
+        bounded = self.requests is not None or self.duration is not None
+        duration = self.duration if bounded else LADDER_STAGE_SECONDS
+        first = self.ladder[0]
+        if self.requests is None:
+            warmup = Stage(first, duration=self.warmup_stage)
+        else:  # every window a cut of the global stream, so the clients agree where each ends
+            warmup = Stage(first, max_requests=math.ceil(first * self.warmup_stage))
+        warmups = [warmup] if self.warmup_stage > 0 else []
+        return warmups + [Stage(rate, self.requests, duration) for rate in self.ladder]
 
     def requests_at(self, concurrency: int) -> int | None:
         """InferenceMAX's num_prompts = 10 x concurrency, or more if the workload needs more."""
@@ -109,20 +151,60 @@ async def measure_mode(
         async with start_stack(mode, plan.pool, logs, plan.picker_args) as stack:
             jobs = _jobs(plan, stack, concurrency, scratch)
             async with _clients(jobs, logs) as clients:
-                pids = stack.processes | {"runner": os.getpid()}
-                messages = await _extproc_messages(stack)
-                counters, cpu, host = await scrape_counters(stack.replicas), process_cpu(pids), HostCpu.now()
                 total = plan.duration or plan.requests_at(concurrency) or 0
-                task = progress.add_task(label, total=total)
-                await _release(clients, _progress_updater(progress, task, plan.duration))
-                after = await scrape_counters(stack.replicas)
-                cpu = {role: seconds - cpu[role] for role, seconds in process_cpu(pids).items()}
-                host_busy = HostCpu.now().busy_share_since(host)
-                messages = {k: v - messages[k] for k, v in (await _extproc_messages(stack)).items()}
-                progress.update(task, completed=total)
-        results = [await asyncio.to_thread(ClientResult.load, Path(job.result_path)) for job in jobs]
+                return await _window(
+                    stack, clients, jobs, 0, progress.add_task(label, total=total), progress, plan.duration
+                )
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+
+
+async def run_ladder(plan: RunPlan, progress: Progress) -> AsyncIterator[tuple[float, str, ModeResult]]:
+    """Every (rate, mode) of a capacity ladder, mode by mode, each on one warm stack (see the
+    module's docstring); a mode's ladder stops after `max_misses` stages in a row miss the SLO,
+    since higher rates only queue more."""
+    concurrency = max(plan.concurrencies)
+    stages = plan.stages()
+    warmups = len(stages) - len(plan.ladder)
+    for mode in plan.modes:
+        logs = plan.out / "logs" / mode
+        scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loadtest-"))
+        try:
+            async with start_stack(mode, plan.pool, logs, plan.picker_args) as stack:
+                jobs = _jobs(plan, stack, concurrency, scratch, stages)
+                async with _clients(jobs, logs) as clients:
+                    misses = 0
+                    for number, stage in enumerate(stages):
+                        label = f"{mode} {stage.rate:g}/s" + (" warm-up" if number < warmups else "")
+                        task = progress.add_task(label, total=stage.duration or stage.max_requests or 0)
+                        measured = await _window(stack, clients, jobs, number, task, progress, stage.duration)
+                        if number < warmups:
+                            continue
+                        result = summarize([measured])
+                        yield stage.rate, mode, result
+                        misses = 0 if meets_slo(result, plan.slo_ttft_p90_ms) else misses + 1
+                        if misses >= plan.max_misses:
+                            break
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+
+
+async def _window(
+    stack: Stack, clients: list[_ClientProcess], jobs: Sequence[ClientJob], number: int, task: TaskID,
+    progress: Progress, duration: float | None,
+) -> Measurement:  # fmt: skip
+    """Measure window `number` of the running clients: snapshot, release, follow, snapshot."""
+    pids = stack.processes | {"runner": os.getpid()}
+    messages = await _extproc_messages(stack)
+    counters, cpu, host = await scrape_counters(stack.replicas), process_cpu(pids), HostCpu.now()
+    last = number == len(jobs[0].stages or [None]) - 1
+    await _release(clients, _progress_updater(progress, task, duration), last)
+    after = await scrape_counters(stack.replicas)
+    cpu = {role: seconds - cpu[role] for role, seconds in process_cpu(pids).items()}
+    host_busy = HostCpu.now().busy_share_since(host)
+    messages = {k: v - messages[k] for k, v in (await _extproc_messages(stack)).items()}
+    progress.update(task, completed=progress.tasks[task].total or 0)
+    results = [await asyncio.to_thread(ClientResult.load, job.window_path(number)) for job in jobs]
     deltas = counter_delta(counters, after)
     return Measurement(
         clients=results,
@@ -145,7 +227,9 @@ async def _extproc_messages(stack: Stack) -> dict[str, float]:
     return {way: float(stats[_EXTPROC + f"stream_msgs_{way}"]) for way in ("sent", "received")}
 
 
-def _jobs(plan: RunPlan, stack: Stack, concurrency: int, scratch: Path) -> list[ClientJob]:
+def _jobs(
+    plan: RunPlan, stack: Stack, concurrency: int, scratch: Path, stages: Sequence[Stage] = ()
+) -> list[ClientJob]:
     shares = plan.shares(concurrency)
     warmup = min(concurrency, MAX_WARMUP)
     return [
@@ -163,6 +247,9 @@ def _jobs(plan: RunPlan, stack: Stack, concurrency: int, scratch: Path) -> list[
             request_timeout=plan.request_timeout,
             ramp_up=plan.ramp_up,
             request_rate=plan.request_rate,
+            stages=list(stages),
+            router="oracle" if stack.mode == "oracle" else "round-robin",
+            slo_ttft_p90_ms=plan.slo_ttft_p90_ms,
         )
         for i, share in enumerate(shares)
     ]
@@ -223,11 +310,15 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
         await stop_process(process, grace=5.0)
 
 
-async def _release(clients: Sequence[_ClientProcess], on_progress: Callable[[int], None]) -> None:
-    """Say go to every client, then follow their progress until each has written its result."""
+async def _release(
+    clients: Sequence[_ClientProcess], on_progress: Callable[[int], None], last: bool = True
+) -> None:
+    """Say go to every client, then follow their progress until each has written its result (and,
+    after its `last` window, exited)."""
     for client in clients:
         assert client.process.stdin is not None
         client.process.stdin.write(b"go\n")
+        client.done = 0
     await asyncio.gather(*(c.process.stdin.drain() for c in clients if c.process.stdin))
 
     async def follow(client: _ClientProcess) -> None:
@@ -236,7 +327,8 @@ async def _release(clients: Sequence[_ClientProcess], on_progress: Callable[[int
             client.done = int(message["done"])  # type: ignore[call-overload]
             on_progress(sum(c.done for c in clients))
             if message.get("finished"):
-                await client.process.wait()
+                if last:
+                    await client.process.wait()
                 return
 
     await asyncio.gather(*(follow(c) for c in clients))

@@ -8,7 +8,9 @@ Each mode gets freshly started replicas (cold KV caches), so no mode inherits an
 - `picker-gie`: Envoy called as GIE gateways call an EPP (`envoy/envoy-gie.yaml`: full duplex
   both ways), the picker in its default `close` mode (ends the stream with the request phase);
 - `picker-gie-echo`: the same, the picker handing every response chunk back (`echo`);
-- `picker-gie-lean`: `envoy/envoy-gie-lean.yaml` (full-duplex request, no response processing).
+- `picker-gie-lean`: `envoy/envoy-gie-lean.yaml` (full-duplex request, no response processing);
+- `oracle`: the clients route each request themselves with exact knowledge of every replica's
+  cache and queue (`loadtest.oracle`): the upper bound routing can reach, no proxy.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from loadtest.envoy import Envoy
 from loadtest.processes import SimProcess, start_picker
 from vllm_sim import REPLICA_HEADER, get_profile
 
-MODES = ("direct", "envoy-rr", "picker", "picker-gie", "picker-gie-echo", "picker-gie-lean")
+MODES = ("direct", "envoy-rr", "picker", "picker-gie", "picker-gie-echo", "picker-gie-lean", "oracle")
 ENVOY_CONFIGS = {
     "envoy-rr": "rr",
     "picker": "picker",

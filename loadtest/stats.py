@@ -79,6 +79,9 @@ class ModeResult:
     itl_ms: dict[str, float]
     e2e_ms: dict[str, float]
     prefix_cache_hit_rate: float | None
+    # Prompt tokens the replicas computed (prefix-cache lookups that missed, re-admissions after a
+    # preemption included) per completed request: the work routing for the cache saves.
+    recomputed_prompt_tokens_per_request: float | None
     per_replica_hit_rate: dict[str, float | None]
     preemptions: int
     per_replica_requests: dict[str, int]
@@ -138,6 +141,11 @@ def summarize(measurements: Sequence[Measurement]) -> ModeResult:
         itl_ms=percentiles([t for c in clients for t in c.itl]),
         e2e_ms=percentiles([t for c in clients for t in c.e2e]),
         prefix_cache_hit_rate=hit_rate(pool),
+        recomputed_prompt_tokens_per_request=(
+            (pool["vllm:prefix_cache_queries_total"] - pool["vllm:prefix_cache_hits_total"]) / completed
+            if completed
+            else None
+        ),
         per_replica_hit_rate=in_pool_order({name: hit_rate(c) for name, c in replicas.items()}),
         preemptions=int(pool["vllm:num_preemptions_total"]),
         per_replica_requests=in_pool_order(dict(requests)),
@@ -201,7 +209,51 @@ HIT_RATE = Metric("prefix hit rate", "prefix_cache_hit_rate")
 
 # The columns of the summary tables, and the rows of the ratio tables.
 SUMMARY = (OUTPUT_TPS, TOTAL_TPS, TTFT_P50, TTFT_P90, TTFT_P99, TPOT_P50, ITL_P99, E2E_P50, E2E_P99, HIT_RATE)
+LADDER = (TTFT_P50, TTFT_P90, TTFT_P99, OUTPUT_TPS, HIT_RATE)  # with recomputed tokens and failures
 RATIOS = (OUTPUT_TPS, TOTAL_TPS, TTFT_P90, TPOT_P50, E2E_P99, HIT_RATE)
+
+
+RECOMPUTED = Metric(
+    "recomputed prompt tokens / request", "recomputed_prompt_tokens_per_request", better="lower"
+)
+MAX_FAILURES = 0.01  # share of a stage's requests that may fail and the stage still meet the SLO
+
+
+def failure_rate(result: ModeResult) -> float:
+    return result.errors / result.requests if result.requests else 1.0
+
+
+def meets_slo(result: ModeResult, slo_ttft_p90_ms: float | None) -> bool:
+    """TTFT p90 within the SLO (any, when there is none) and at most `MAX_FAILURES` failed."""
+    p90 = result.ttft_ms.get("p90")
+    within = slo_ttft_p90_ms is None or (p90 is not None and p90 <= slo_ttft_p90_ms)
+    return within and result.completed > 0 and failure_rate(result) <= MAX_FAILURES
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """A mode's headline on a rate ladder.
+
+    `rate` is the highest rate of the unbroken run of stages from the bottom that all meet the SLO
+    (None: the first stage already missed); a stage that meets it above a miss does not count
+    (`unsteady` lists those, a sign of noise or a ladder too short to tell), since a pool that
+    misses at 8/s is not trusted at 10/s. `at_least`: even the top stage met, so the capacity is
+    higher than the ladder measured.
+    """
+
+    rate: float | None
+    at_least: bool
+    unsteady: tuple[float, ...]
+
+
+def capacity(stages: dict[float, ModeResult], slo_ttft_p90_ms: float | None) -> Capacity:
+    """The capacity at the SLO of one mode's ladder (rate -> result)."""
+    rates = sorted(stages)
+    met = [meets_slo(stages[rate], slo_ttft_p90_ms) for rate in rates]
+    steady = next((i for i, ok in enumerate(met) if not ok), len(rates))
+    best = rates[steady - 1] if steady else None
+    unsteady = tuple(rate for rate, ok in zip(rates[steady:], met[steady:], strict=True) if ok)
+    return Capacity(best, bool(rates) and steady == len(rates), unsteady)
 
 
 def ratio(metric: Metric, result: ModeResult, baseline: ModeResult) -> float | None:

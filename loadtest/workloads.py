@@ -13,6 +13,10 @@ and multi-turn, ~3.4 for uniform's rare words. No two random prompts share a blo
   (the shape of llm-d's prefix benchmark), sized with `SharedPrefix.sized_for` so the prefixes
   together exceed one replica's KV cache but fit in the pool's. Its warm-up asks every group once,
   through the mode under test, so the measured window is the steady state, not the cold start.
+- `CachePressure`: prequal's cache-pressure shape: shared prefixes in tiers of popularity (a few
+  hot groups take 30% of the requests, more warm ones 40%, many cold ones 30%), sized with
+  `CachePressure.sized_for` so that all prefixes together are 2-3x the pool's KV cache: no
+  routing keeps every prefix cached, and the hit rate measures which ones it chooses to keep.
 - `MultiTurn`: chat conversations whose every turn resends the whole history, answers included.
 - `TraceReplay`: a Mooncake-format trace (`loadtest.trace`): each record one completion whose
   prompt shares text with the others exactly where their hash ids are equal, sent at the trace's
@@ -140,6 +144,58 @@ class SharedPrefix:
 
 
 @dataclass(frozen=True, slots=True)
+class CachePressure:
+    kind: ClassVar[str] = "cache-pressure"
+    hot_groups: int = 8  # prequal's tiers: 8 hot, 72 warm, 220 cold groups
+    warm_groups: int = 72
+    cold_groups: int = 220
+    hot_share: float = 0.3  # of the requests; cold groups take the rest
+    warm_share: float = 0.4
+    prefix_tokens: int = 6000
+    question_tokens: int = 400
+    output_tokens: int = 128
+
+    @property
+    def groups(self) -> int:
+        return self.hot_groups + self.warm_groups + self.cold_groups
+
+    @property
+    def min_requests(self) -> int:
+        """Each warm group asked a few times in the measured window."""
+        return math.ceil(3 * self.warm_groups / self.warm_share)
+
+    def sessions(self, rng: random.Random) -> Iterator[Session]:
+        prefixes = self._prefixes(rng)
+        tiers = (
+            (0, self.hot_groups),
+            (self.hot_groups, self.warm_groups),
+            (self.hot_groups + self.warm_groups, self.cold_groups),
+        )
+        weights = (self.hot_share, self.warm_share, max(0.0, 1.0 - self.hot_share - self.warm_share))
+        while True:
+            first, count = rng.choices(tiers, weights)[0]
+            system = prefixes[first + rng.randrange(count)]
+            yield Session((random_text(rng, self.question_tokens),), (self.output_tokens,), system=system)
+
+    def warmup(self, rng: random.Random) -> list[Session]:
+        """One one-token request per hot and warm group (same prefixes as `sessions`): the cold
+        ones are not expected to stay cached anyway."""
+        popular = self._prefixes(rng)[: self.hot_groups + self.warm_groups]
+        return [Session((random_text(rng, self.question_tokens),), (1,), system=system) for system in popular]
+
+    def _prefixes(self, rng: random.Random) -> list[str]:
+        return [random_text(rng, self.prefix_tokens) for _ in range(self.groups)]
+
+    def sized_for(self, kv_tokens: int, replicas: int, pressure: float = 2.5) -> CachePressure:
+        """Groups in the same proportions as now, enough that all prefixes take `pressure` x the
+        pool's KV cache (`kv_tokens` per replica); at least one group per tier."""
+        total = math.ceil(pressure * replicas * kv_tokens / self.prefix_tokens)
+        hot = max(1, round(total * self.hot_groups / self.groups))
+        warm = max(1, round(total * self.warm_groups / self.groups))
+        return replace(self, hot_groups=hot, warm_groups=warm, cold_groups=max(1, total - hot - warm))
+
+
+@dataclass(frozen=True, slots=True)
 class MultiTurn:
     kind: ClassVar[str] = "multi-turn"
     min_requests: ClassVar[int] = 0
@@ -185,15 +241,23 @@ class TraceReplay:
     def warmup(self, rng: random.Random) -> list[Session]:
         return []  # the trace's own first requests warm the cache, as in production
 
+    @property
+    def mean_rate(self) -> float:
+        """Arrivals per second of the selected records as `sessions` times them (a ladder rescales
+        their gaps to reach each stage's rate, keeping the trace's bursts)."""
+        records = _records(self.path, self.first, self.start_s, self.end_s)
+        span = (records[-1].timestamp_ms - records[0].timestamp_ms) / 1000 * self.time_scale if records else 0
+        return (len(records) - 1) / span if span > 0 else 0.0
+
 
 @functools.lru_cache(maxsize=4)
 def _records(path: str, first: int | None, start_s: float, end_s: float | None) -> tuple[TraceRecord, ...]:
     return tuple(load_trace(path, first=first, start_s=start_s, end_s=end_s))
 
 
-KINDS: dict[str, type[Uniform] | type[SharedPrefix] | type[MultiTurn] | type[TraceReplay]] = {
-    w.kind: w for w in (Uniform, SharedPrefix, MultiTurn, TraceReplay)
-}
+KINDS: dict[
+    str, type[Uniform] | type[SharedPrefix] | type[CachePressure] | type[MultiTurn] | type[TraceReplay]
+] = {w.kind: w for w in (Uniform, SharedPrefix, CachePressure, MultiTurn, TraceReplay)}
 
 
 def to_dict(workload: Workload) -> dict[str, Any]:
@@ -215,24 +279,39 @@ def with_params(workload: Workload, overrides: dict[str, str]) -> Workload:
     return replace(workload, **{k: types[k](v) for k, v in overrides.items()})  # type: ignore[type-var]
 
 
+class Deal:
+    """Client `index`'s share of the global session stream, taken window by window.
+
+    Every client process generates the same global stream and keeps the sessions dealt to it (in
+    proportion to `shares`), so they agree on who sends what without talking to each other. A
+    window cut at `max_requests` requests (turns) in all stops every client at the same place of
+    the stream, and the next window (a ladder's next stage) goes on from there.
+    """
+
+    def __init__(self, workload: Workload, seed: int, shares: list[int], index: int) -> None:
+        self._stream = enumerate(workload.sessions(random.Random(seed)))
+        self._owners = _owners(shares)
+        self._index = index
+
+    def take(self, max_requests: int | None) -> Iterator[Session]:
+        """This client's sessions of the next window (endless when `max_requests` is None)."""
+        sent = 0
+        while max_requests is None or sent < max_requests:
+            if (item := next(self._stream, None)) is None:
+                return  # a finite stream (a trace) has run out
+            number, session = item
+            if max_requests is not None:
+                session = session.truncated(max_requests - sent)
+                sent += len(session)
+            if self._owners[number % len(self._owners)] == self._index:
+                yield session
+
+
 def assigned_sessions(
     workload: Workload, seed: int, shares: list[int], index: int, max_requests: int | None
 ) -> Iterator[Session]:
-    """Client `index`'s sessions: the global stream dealt out in proportion to `shares`.
-
-    The global stream is cut at `max_requests` requests (turns) in all, so every client process,
-    generating the same stream, agrees on who sends what without talking to the others.
-    """
-    owners = _owners(shares)
-    sent = 0
-    for number, session in enumerate(workload.sessions(random.Random(seed))):
-        if max_requests is not None:
-            if sent >= max_requests:
-                return
-            session = session.truncated(max_requests - sent)
-            sent += len(session)
-        if owners[number % len(owners)] == index:
-            yield session
+    """Client `index`'s sessions of a single window of at most `max_requests` requests in all."""
+    return Deal(workload, seed, shares, index).take(max_requests)
 
 
 def assigned_warmup(workload: Workload, seed: int, shares: list[int], index: int) -> list[Session]:
@@ -243,5 +322,8 @@ def assigned_warmup(workload: Workload, seed: int, shares: list[int], index: int
 
 
 def _owners(shares: list[int]) -> list[int]:
-    """Who sends the sessions of one round: each client as many as its share of the concurrency."""
-    return [client for client, share in enumerate(shares) for _ in range(share)]
+    """Who sends the sessions of one round: each client as many as its share of the concurrency,
+    interleaved, so every client's sessions are spread over the stream (each open-loop client
+    then sends at its share of the rate from the first session on)."""
+    turns = sorted(((k + 0.5) / share, client) for client, share in enumerate(shares) for k in range(share))
+    return [client for _, client in turns]

@@ -88,6 +88,17 @@ class SimRequest:
         return self.status in (Status.FINISHED, Status.ABORTED)
 
 
+@dataclass(frozen=True, slots=True)
+class CacheProbe:
+    """What a request would find if it arrived now (`Engine.probe`)."""
+
+    prompt_tokens: int
+    cached_tokens: int  # its prefix-cache hit, as admission would count it
+    running: int
+    waiting: int
+    estimated_ttft: float  # seconds of real time to its first token, FIFO behind the queued prefill
+
+
 @dataclass(slots=True)
 class StepPlan:
     """What one engine step computes: (request, tokens) pairs and how long the step takes."""
@@ -198,6 +209,34 @@ class Engine:
         else:
             self.waiting.remove(request)
         self._release(request, Status.ABORTED, "abort", now)
+
+    def probe(self, prompt: Sequence[int], lora: str | None = None) -> CacheProbe:
+        """The prefix-cache hit a request with `prompt` would get now, and its time to first token
+        if nothing else arrived: every prompt token still to prefill ahead of it (running requests'
+        rest, waiting requests' uncached part) and its own, in chunked-prefill steps beside the
+        decoding sequences. Exact knowledge a router cannot have: the harness's oracle uses it."""
+        block_size = self.profile.block_size
+        tokens = TokenSequence(prompt, block_size, salt=lora or "")
+        cached = len(self.kv.longest_hit(tokens.hashes, (tokens.num_tokens - 1) // block_size)) * block_size
+        prefill = tokens.num_tokens - cached
+        decoding = context = 0
+        for request in self.running:
+            context += request.num_computed
+            if request.generated:
+                decoding += 1
+            else:
+                prefill += request.tokens.num_tokens - request.num_computed
+        for request in self.waiting:
+            limit = (request.tokens.num_tokens - 1) // block_size
+            hit = len(self.kv.longest_hit(request.tokens.hashes, limit)) * block_size
+            prefill += request.tokens.num_tokens - max(hit, request.num_computed)
+        budget = max(1, self.profile.max_num_batched_tokens - decoding)
+        steps = -(-prefill // budget)
+        cost = self.profile.cost
+        seconds = steps * cost.seconds(0, decoding, context) + cost.c1_ms * prefill / 1000
+        return CacheProbe(
+            tokens.num_tokens, cached, len(self.running), len(self.waiting), seconds / self.speed
+        )
 
     @property
     def running_loras(self) -> set[str]:

@@ -1,5 +1,6 @@
 """A simulated vLLM replica over HTTP: the OpenAI API, `/tokenize` and `/detokenize`, `/metrics`,
-`/health` and `/v1/models`.
+`/health` and `/v1/models`; and `POST /sim/cache_probe` (not vLLM's: a /tokenize body in, the
+prefix-cache hit and load a request would meet now out), for a load harness's oracle router.
 
 Streams behave like vLLM's: one SSE event per token while the client keeps up, several tokens
 merged into one event when it lags, and a client that disconnects aborts its request (its KV
@@ -107,6 +108,7 @@ class Replica:
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/detokenize", self._detokenize)
         app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
+        app.router.add_post("/sim/cache_probe", self._cache_probe)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.on_response_prepare.append(self._tag_response)
@@ -190,6 +192,22 @@ class Replica:
         strs = [self.tokenizer.id_to_token(i) for i in ids] if params.return_token_strs else None
         doc = {"count": len(ids), "max_model_len": self.config.profile.max_model_len, "tokens": ids}
         return _json(doc | {"token_strs": strs})
+
+    async def _cache_probe(self, request: web.Request) -> web.Response:
+        """`{prompt_tokens, cached_tokens, running, waiting, estimated_ttft_ms}` for a request with
+        this prompt (a /tokenize body: `prompt` text or token ids, or `messages`)."""
+        try:
+            params = parse_tokenize(await request.read())
+            _, lora = self._resolve_model(params.model)
+            ids = self.tokenizer.prompt_ids(**dataclasses.asdict(params.prompt))
+        except BadRequest as exc:
+            return _error(exc.status, str(exc))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        probe = self.engine.probe(ids, lora)
+        doc = dataclasses.asdict(probe)
+        doc["estimated_ttft_ms"] = doc.pop("estimated_ttft") * 1000
+        return _json(doc)
 
     async def _detokenize(self, request: web.Request) -> web.Response:
         """vLLM's /detokenize: `{prompt}`."""

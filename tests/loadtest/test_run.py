@@ -105,12 +105,13 @@ async def test_every_mode_runs_on_its_own_stack_and_is_reported(tmp_path: Path) 
         assert (result["requests"], result["errors"]) == (8, 0), mode
         assert result["output_tokens"] == 8 * 8
         per_replica = sorted(result["per_replica_requests"].values())
-        assert sum(per_replica) == 8 and (per_replica == [4, 4] or "picker" in mode)  # round-robin: even
+        round_robin = mode in ("direct", "envoy-rr")
+        assert sum(per_replica) == 8 and (per_replica == [4, 4] or not round_robin)  # round-robin: even
         assert set(result["replica_profiles"].values()) == {"h100-8b"}
         assert 0 < result["ttft_ms"]["p50"] <= result["e2e_ms"]["p50"]
         assert result["clients"] == 2 and result["cpu_seconds"]["client-1"] > 0
         assert result["cpu_seconds"]["simulator"] >= 0  # psutil counts 10 ms ticks: a tiny run may show 0
-        assert ("envoy" in result["cpu_seconds"]) == (mode != "direct")
+        assert ("envoy" in result["cpu_seconds"]) == (mode not in ("direct", "oracle"))
         assert ("picker" in result["cpu_seconds"]) == ("picker" in mode)
         messages = result["proxy_cost"].get("ext_proc messages")
         assert (messages is not None) == ("picker" in mode)
@@ -179,4 +180,32 @@ async def test_the_demo_prints_its_table_and_report(tmp_path: Path) -> None:
         assert f"  {mode} " in run.stdout
     assert "prefix hit rate >= 2 x direct" in run.stdout
     assert (out / "report.md").exists()
+    assert not run.leftovers
+
+
+async def test_a_rate_ladder_measures_every_stage_and_states_capacity(tmp_path: Path) -> None:
+    out = tmp_path / "ladder"
+    run = await loadtest(
+        "run", "--workload", "shared-prefix", "--replicas", "2", "--speed", "20",
+        "--modes", "envoy-rr,oracle", *("--set", "groups=4", "--set", "prefix_tokens=256"),
+        *("--set", "question_tokens=16", "--set", "output_tokens=4"),
+        "--request-rate", "20,10", "--requests", "12", "--warmup-stage", "0.5", "--slo-ttft-p90", "5000",
+        "--out", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    doc = orjson.loads((out / "results.json").read_bytes())
+    for mode in ("envoy-rr", "oracle"):
+        stages = doc["ladder"][mode]
+        assert [s["rate"] for s in stages] == [10.0, 20.0]
+        assert all((s["requests"], s["errors"], s["meets_slo"]) == (12, 0, True) for s in stages), mode
+        assert all(s["recomputed_prompt_tokens_per_request"] > 0 for s in stages)
+        headline = {"rate": 20.0, "at_least": True, "unsteady": [], "vs envoy-rr": 1.0, "vs oracle": 1.0}
+        assert doc["capacity"][mode].items() >= headline.items()
+    # The oracle sends every request to the replica holding its group's prefix (primed in warm-up).
+    for oracle, rr in zip(doc["ladder"]["oracle"], doc["ladder"]["envoy-rr"], strict=True):
+        assert (
+            oracle["prefix_cache_hit_rate"] > 0.8
+            and oracle["prefix_cache_hit_rate"] >= rr["prefix_cache_hit_rate"]
+        )
+    assert "## Capacity at the SLO" in (out / "report.md").read_text()
     assert not run.leftovers

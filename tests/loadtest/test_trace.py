@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from loadtest import cli
-from loadtest.client import Client, ClientJob
+from loadtest.client import Client, ClientJob, Stage
 from loadtest.observe import scrape_counters
 from loadtest.trace import BLOCK_TOKENS, TraceRecord, load_trace, prompt_text
 from loadtest.workloads import TraceReplay, to_dict
@@ -148,3 +148,32 @@ async def test_replay_through_the_simulator_hits_exactly_the_shared_blocks(tmp_p
     )
     assert expected == 2 * 512 + 3 * 512 + 512  # requests 2, 4 and 5 (0-based: 1, 3, 4)
     assert counters["vllm:prefix_cache_hits_total"] == expected
+
+
+async def test_a_ladder_stage_rescales_the_trace_to_its_rate_and_goes_on_from_the_last_one(
+    fake_vllm: Callable[..., Awaitable[list[FakeVLLM]]], tmp_path: Path
+) -> None:
+    arrivals: list[tuple[float, int]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        body = await request.json()
+        arrivals.append((time.monotonic(), body["max_tokens"]))
+        return web.json_response({"error": "no"}, status=429)
+
+    (replica,) = await fake_vllm(1, completion=record)
+    workload = TraceReplay(str(write_trace(tmp_path / "t.jsonl")))
+    assert workload.mean_rate == pytest.approx(5 / 0.95)  # 6 arrivals over 950 ms
+    rate = workload.mean_rate * 2  # twice as fast: every gap halved
+    job = ClientJob(
+        index=0, shares=[8], targets=[replica.url], model="m", workload=to_dict(workload), seed=0,
+        result_path=str(tmp_path / "r.json"), stages=[Stage(rate, max_requests=n) for n in (2, 4)],
+    )  # fmt: skip
+    async with aiohttp.ClientSession() as http:
+        client = Client(job, http)
+        first = await client.run(job.stages[0], 0)
+        arrivals_first, arrivals[:] = list(arrivals), []
+        second = await client.run(job.stages[1], 1)
+    assert (first.errors.total(), second.errors.total()) == (2, 4)
+    assert [tokens for _, tokens in arrivals_first + arrivals] == [5, 1, 2, 3, 1, 1]  # on from the last
+    offsets = [at - arrivals[0][0] for at, _ in arrivals]
+    assert offsets == pytest.approx([0.0, 0.075, 0.325, 0.35], abs=0.03)  # trace ms from record 3, x 0.5

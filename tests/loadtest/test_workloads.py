@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 
 import pytest
 
 from loadtest.workloads import (
+    CachePressure,
     MultiTurn,
     SharedPrefix,
     Uniform,
@@ -104,3 +106,20 @@ def test_text_is_words_whose_characters_per_token_vary_by_workload() -> None:
     ratios = [len(text) / tokens(text) for text in (prose, rare)]
     assert ratios[0] > 4.2 and ratios[1] < 3.7, ratios
     assert all(word.strip(".").isalpha() for word in prose.split())
+
+
+def test_cache_pressure_prefixes_are_sized_to_a_multiple_of_the_pool_cache() -> None:
+    workload = CachePressure(prefix_tokens=2000).sized_for(kv_tokens=16384, replicas=4)
+    assert (workload.hot_groups, workload.warm_groups, workload.cold_groups) == (2, 20, 60)  # 8:72:220
+    assert 2.2 <= workload.groups * workload.prefix_tokens / (4 * 16384) <= 2.8  # prequal's 2.2-2.8x
+    tiny = CachePressure(prefix_tokens=2000).sized_for(kv_tokens=2048, replicas=1)
+    assert min(tiny.hot_groups, tiny.warm_groups, tiny.cold_groups) >= 1
+
+
+def test_cache_pressure_draws_tiers_by_their_share_and_warms_the_popular_ones() -> None:
+    workload = CachePressure(2, 6, 12, prefix_tokens=8, question_tokens=4)
+    prefixes = workload._prefixes(random.Random(7))
+    tier = {system: 0 if i < 2 else 1 if i < 8 else 2 for i, system in enumerate(prefixes)}
+    drawn = Counter(tier[s.system] for s in itertools.islice(workload.sessions(random.Random(7)), 4000))
+    assert [round(drawn[t] / 4000, 1) for t in range(3)] == [0.3, 0.4, 0.3]
+    assert [s.system for s in workload.warmup(random.Random(7))] == prefixes[:8]  # hot and warm, once each

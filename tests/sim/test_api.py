@@ -303,3 +303,29 @@ async def test_the_pickers_metrics_parser_reads_the_page() -> None:
     assert metrics.kv_usage > 0
     assert (metrics.block_size, metrics.num_gpu_blocks, metrics.max_lora) == (16, 256, 1)
     assert (metrics.running_loras, metrics.waiting_loras) == ({"a"}, {"b"})
+
+
+async def test_cache_probe_reports_the_hit_a_request_would_get_and_the_queue(
+    replica: Replica, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompt = "the same long shared prefix " * 40
+    probe = {"model": MODEL, "prompt": prompt}
+    cold = (await http.post("/sim/cache_probe", json=probe)).json()
+    assert cold["cached_tokens"] == 0 and cold["running"] == cold["waiting"] == 0
+    assert cold["prompt_tokens"] == (await http.post("/tokenize", json=probe)).json()["count"]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+    usage = (await http.post("/v1/completions", json=body)).json()["usage"]
+    warm = (await http.post("/sim/cache_probe", json=probe)).json()
+    assert warm["cached_tokens"] == usage["prompt_tokens"] // 16 * 16 > 0  # whole blocks, as admitted
+    assert warm["estimated_ttft_ms"] < cold["estimated_ttft_ms"]  # less to prefill
+    submitted = spy_on_submissions(replica, monkeypatch)
+    async with asyncio.TaskGroup() as started:  # a long request queued ahead makes the estimate grow
+        started.create_task(
+            http.post("/v1/completions", json={"model": MODEL, "prompt": "other " * 1500, "max_tokens": 200})
+        )
+        await submitted.get()
+        busy = (await http.post("/sim/cache_probe", json=probe)).json()
+        assert busy["running"] + busy["waiting"] == 1
+        assert busy["estimated_ttft_ms"] > warm["estimated_ttft_ms"]
+    missing = await http.post("/sim/cache_probe", json={"model": "no-such-model", "prompt": "x"})
+    assert missing.status_code == 404
