@@ -41,6 +41,7 @@ def make_pool(n: int, **metrics: Any) -> EndpointPool:
     for ep in pool.endpoints:
         ep.metrics = EngineMetrics(**metrics)
         ep.scraped_at = NOW
+        ep.refresh_load()
     return pool
 
 
@@ -64,6 +65,7 @@ def route(sched: Scheduler, prompt: str, *, only: Endpoint | None = None, hold: 
     chosen = result.endpoints[0]
     if hold:
         chosen.inflight_requests += 1
+        chosen.refresh_load()
     for observer in sched.observers:
         observer.on_pick(request, chosen)
     return chosen
@@ -191,7 +193,7 @@ def test_capacity_eviction_loses_affinity_of_an_old_prefix() -> None:
     route(sched, text(2, 4), only=a, hold=False)
     route(sched, text(3, 4), only=a, hold=False)
     assert prefix_scorer(sched).index.held(a) == 8
-    assert prefix_scorer(sched).score(InferenceRequest(model="m", prompt=text(1, 4)), [a, b]) == [0.0, 0.0]
+    assert prefix_scorer(sched).score(InferenceRequest(model="m", prompt=text(1, 4)), [a, b]) is None
 
 
 def test_capacity_converts_engine_blocks_to_our_blocks() -> None:
@@ -240,7 +242,7 @@ def test_block_size_auto_tune_follows_most_endpoints_and_clears_the_index() -> N
     assert scorer.block_size_tokens == 16  # looks again only after the retune interval
     clock.now += 1.0
     again = InferenceRequest(model="m", prompt=text(1, 4))
-    assert scorer.score(again, [a]) == [0.0]
+    assert scorer.score(again, [a]) is None  # nothing matches: no preference
     assert scorer.block_size_tokens == 32 and len(scorer.index) == 0
     scorer.on_pick(again, a)
     assert scorer.index.held(a) == 2  # 256 characters in 128-character blocks
@@ -253,10 +255,13 @@ def test_load_guard_spreads_a_hot_prefix_off_an_overloaded_endpoint() -> None:
     hot = text(1, 8)
     route(sched, hot, only=a, hold=False)
     a.inflight_requests = 8  # within the gap of 8: affinity still wins over load
+    a.refresh_load()
     assert route(sched, hot + "q1" * 40, hold=False) is a
     a.inflight_requests, b.inflight_requests = 55, 40  # gap 15 <= 8 + 0.25 x 40
+    a.refresh_load(), b.refresh_load()
     assert route(sched, hot + "q2" * 40, hold=False) is a
     a.inflight_requests, b.inflight_requests = 9, 0
+    a.refresh_load(), b.refresh_load()
     assert route(sched, hot + "q3" * 40, hold=False) is b
 
 
@@ -268,5 +273,7 @@ def test_load_guard_counts_waiting_requests_and_can_be_disabled() -> None:
         sched = prefix_scheduler(pool, maxLoadGap=gap)
         route(sched, hot, only=a, hold=False)
         a.metrics = EngineMetrics(waiting=30)
+        a.refresh_load()
         assert route(sched, hot + "q" * 64, hold=False) is expected
         a.metrics = EngineMetrics()
+        a.refresh_load()

@@ -45,8 +45,12 @@ def scheduler(pool: EndpointPool, doc: dict[str, Any] | None = None, seed: int =
     return Scheduler.from_config(config, pool, clock=FakeClock(), rng=random.Random(seed))
 
 
-def scores(scorer: Any, *candidates: Endpoint, request: InferenceRequest | None = None) -> list[float]:
-    return list(scorer.score(request or InferenceRequest(), list(candidates)))
+def scores(
+    scorer: Any, *candidates: Endpoint, request: InferenceRequest | None = None
+) -> list[float] | None:
+    """The scorer's column for `candidates` as a list, or None (no preference)."""
+    got = scorer.score(request or InferenceRequest(), list(candidates))
+    return None if got is None else list(got)
 
 
 # --- filters -------------------------------------------------------------------------------------
@@ -81,8 +85,8 @@ def test_with_nothing_fresh_known_endpoints_that_did_not_refuse_are_kept() -> No
 
 def test_queue_scorer_reference_formula() -> None:
     assert scores(QueueScorer(), endpoint("a", 0), endpoint("b", 5), endpoint("c", 10)) == [1.0, 0.5, 0.0]
-    assert scores(QueueScorer(), endpoint("a", 3), endpoint("b", 3)) == [1.0, 1.0]
-    assert scores(QueueScorer(), endpoint("a", 7)) == [1.0]
+    assert scores(QueueScorer(), endpoint("a", 3), endpoint("b", 3)) is None  # no preference
+    assert scores(QueueScorer(), endpoint("a", 7)) is None
 
 
 def test_small_load_differences_cost_little_below_the_minimum_span() -> None:
@@ -91,6 +95,7 @@ def test_small_load_differences_cost_little_below_the_minimum_span() -> None:
     a, b = endpoint("a", inflight=3), endpoint("b", inflight=5)
     assert scores(InflightLoadScorer(), a, b) == [1.0, 0.5]
     a.inflight_tokens, b.inflight_tokens = 0, 1024
+    a.refresh_load(), b.refresh_load()
     assert scores(InflightLoadScorer(measure="tokens"), a, b) == [1.0, 0.75]
 
 
@@ -120,7 +125,7 @@ def test_latency_scorer_ignores_small_gaps_and_zeroes_slow_replicas() -> None:
     got = scores(LatencyScorer(), fast, busier, slow, fresh)
     assert got[:3] == [1.0, 1.0, 0.0]
     assert 0.0 < got[3] < 1.0
-    assert scores(LatencyScorer(), endpoint("x"), endpoint("y")) == [1.0, 1.0]
+    assert scores(LatencyScorer(), endpoint("x"), endpoint("y")) is None  # nothing measured
     with pytest.raises(ValueError):
         LatencyScorer(tolerance=1.0, zero_at=1.5)
 
@@ -129,7 +134,8 @@ def test_queue_scorer_unknown_metrics_score_zero_and_do_not_set_the_scale() -> N
     got = scores(QueueScorer(), endpoint("a", None), endpoint("b", 2), endpoint("c", 6))
     assert got == [0.0, 1.0, 0.0]
     assert scores(QueueScorer(), endpoint("a", None), endpoint("b", 2)) == [0.0, 1.0]
-    assert scores(QueueScorer(), endpoint("a", None)) == [0.0]
+    assert scores(QueueScorer(), endpoint("a", None), endpoint("b", 4), endpoint("c", 4)) == [0.0, 1.0, 1.0]
+    assert scores(QueueScorer(), endpoint("a", None)) is None
 
 
 def test_kv_cache_scorer_is_free_fraction() -> None:
@@ -146,9 +152,11 @@ def test_kv_cache_scorer_is_free_fraction() -> None:
 def test_inflight_scorer_by_requests_or_tokens() -> None:
     a, b, c = endpoint("a", inflight=0), endpoint("b", inflight=2), endpoint("c", inflight=4)
     a.inflight_tokens, b.inflight_tokens, c.inflight_tokens = 9000, 1000, 5000
+    for ep in (a, b, c):
+        ep.refresh_load()
     assert scores(InflightLoadScorer(), a, b, c) == [1.0, 0.5, 0.0]
     assert scores(InflightLoadScorer(measure="tokens"), a, b, c) == [0.0, 1.0, 0.5]
-    assert scores(InflightLoadScorer(), a) == [1.0]
+    assert scores(InflightLoadScorer(), a) is None
     with pytest.raises(ValueError, match="measure"):
         InflightLoadScorer(measure="bytes")
 
@@ -157,12 +165,14 @@ def test_session_affinity_prefers_last_endpoint_of_the_session() -> None:
     a, b = endpoint("a:1"), endpoint("b:1")
     scorer = SessionAffinityScorer(max_sessions=1)
     alice = InferenceRequest(session_key="alice")
-    assert scores(scorer, a, b, request=alice) == [0.0, 0.0]
+    assert scores(scorer, a, b, request=alice) is None  # no preference: a session not seen
     scorer.on_pick(alice, b)
     assert scores(scorer, a, b, request=alice) == [0.0, 1.0]
-    assert scores(scorer, a, b, request=InferenceRequest()) == [0.0, 0.0]
+    assert scores(scorer, b, a, request=alice) == [1.0, 0.0]
+    assert scores(scorer, a, request=alice) is None  # its endpoint is not a candidate
+    assert scores(scorer, a, b, request=InferenceRequest()) is None
     scorer.on_pick(InferenceRequest(session_key="bob"), a)  # evicts alice (bound of 1)
-    assert scores(scorer, a, b, request=alice) == [0.0, 0.0]
+    assert scores(scorer, a, b, request=alice) is None
     assert scores(scorer, a, b, request=InferenceRequest(session_key="bob")) == [1.0, 0.0]
 
 
@@ -195,8 +205,11 @@ def test_lora_affinity_treats_a_served_base_model_as_loaded() -> None:
     base.models = {"llama": None, "b": "llama", "c": "llama"}
     other = lora_endpoint("other", set(), set(), 2)
     other.models = {"llama": None}
-    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="llama")) == [1.0, 1.0]
-    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="")) == [0.0, 0.0]
+    # equal everywhere: no preference, so adapter slots do not steer base-model requests
+    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="llama")) is None
+    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="")) is None
+    no_lora = [lora_endpoint(f"plain{i}", set(), set(), None) for i in range(3)]
+    assert scores(LoraAffinityScorer(), *no_lora, request=InferenceRequest(model="a")) is None
 
 
 def test_lora_affinity_steers_adapter_requests_in_the_scheduler() -> None:
@@ -315,6 +328,7 @@ def test_two_instances_of_one_scorer_are_named_apart_in_reasons() -> None:
     a, b = pool.endpoints
     a.inflight_requests, a.inflight_tokens = 0, 50_000
     b.inflight_requests, b.inflight_tokens = 6, 0
+    a.refresh_load(), b.refresh_load()
 
     def decide(by_requests: float, by_tokens: float) -> tuple[str, str]:
         doc = epp(
