@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 from picker.admission import Admission
 from picker.config import Config
@@ -84,5 +85,7 @@ def test_endpoint_view_shows_state_and_prefix_blocks_per_instance() -> None:
     assert rows[a.address]["prefix_blocks"] == {"short-prefixes": 4}  # 64 characters, 16 per block
     assert rows[b.address]["prefix_blocks"] == {"short-prefixes": 0}
     assert rows[b.address]["inflight_prompt_tokens"] == 9000 and rows[a.address]["freshness"] == "fresh"
-    stale = endpoints_view(pool, sched, stale_after=1.0)["endpoints"]  # scraped at NOW, long ago
+    for ep in pool.endpoints:  # the view reads the real monotonic clock, which may be below NOW
+        ep.scraped_at = time.monotonic() - 2.0
+    stale = endpoints_view(pool, sched, stale_after=1.0)["endpoints"]
     assert [row["freshness"] for row in stale] == ["stale", "stale"]
