@@ -277,3 +277,32 @@ def test_load_guard_counts_waiting_requests_and_can_be_disabled() -> None:
         assert route(sched, hot + "q" * 64, hold=False) is expected
         a.metrics = EngineMetrics()
         a.refresh_load()
+
+
+def test_sparse_prefix_scores_equal_the_dense_ones() -> None:
+    # The pool's snapshot (a tuple) gets scores filled in by position, a filtered list the dense
+    # walk; with the load guard active both must agree, and say None when nothing matches.
+    pool = make_pool(40)
+    sched = prefix_scheduler(pool)
+    systems = [text(100 + g, 6) for g in range(5)]
+    rng = random.Random(2)
+    for i in range(300):
+        route(sched, rng.choice(systems) + text(1000 + i, rng.randint(0, 3)))
+        if i % 7 == 0:
+            done = rng.choice(pool.endpoints)
+            done.inflight_requests = max(0, done.inflight_requests - 3)
+            done.refresh_load()
+    scorer = prefix_scorer(sched)
+    filled = guarded = 0
+    for g, system in enumerate(systems):
+        request = InferenceRequest(model="m", prompt=system + text(5000 + g, 2))
+        sparse = scorer.score(request, pool.endpoints)
+        dense = scorer.score(request, list(pool.endpoints))
+        assert sparse == dense
+        nonzero = 0 if sparse is None else sum(1 for s in sparse if s)
+        filled += nonzero
+        guarded += len(scorer._cycle(request).matched) - nonzero  # matching, but too busy
+    assert filled > 0 and guarded > 0
+    unknown = InferenceRequest(model="m", prompt=text(9999, 4))
+    assert scorer.score(unknown, pool.endpoints) is None
+    assert scorer.score(unknown, list(pool.endpoints)) is None

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from picker.config import Config, MetricsConfig
-from picker.datalayer.endpoint import Endpoint, EngineMetrics
+from picker.datalayer.endpoint import Endpoint, EngineMetrics, Freshness, fresh_among
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
 from picker.scheduling.filters import HealthyFilter
 from picker.scheduling.pickers import MaxScorePicker
-from picker.scheduling.scheduler import Scheduler
+from picker.scheduling.scheduler import Scheduler, weighted_sum
 from picker.scheduling.scorers import (
     InflightLoadScorer,
     KVCacheUtilizationScorer,
@@ -346,3 +346,82 @@ def test_two_instances_of_one_scorer_are_named_apart_in_reasons() -> None:
 
     assert decide(3, 1) == (a.address, "by-requests")
     assert decide(1, 3) == (b.address, "by-tokens")
+
+
+# --- the weighted sum, and scorers without a preference -------------------------------------------
+
+
+def test_weighted_sum_equals_the_running_sum_bit_for_bit() -> None:
+    rng = random.Random(7)
+    for k in range(1, 7):
+        weights = [rng.choice((1.0, 2.0, 0.5, 3.7, -1.25, 0.0)) for _ in range(k)]
+        columns = [[rng.random() for _ in range(50)] for _ in range(k)]
+        running = [0.0] * 50
+        for w, column in zip(weights, columns, strict=True):
+            running = [t + w * s for t, s in zip(running, column, strict=True)]
+        assert weighted_sum(weights)(*columns) == running
+    with pytest.raises(ValueError):  # a column of the wrong length is a scorer bug, not a silent cut
+        weighted_sum([1.0, 2.0])([0.5, 0.5], [0.5])
+
+
+class _Uniform:
+    """A scorer as it was before None existed: no preference -> the same score for everyone."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name, self.category = inner, inner.name, inner.category
+
+    def score(self, request: InferenceRequest, candidates: Any) -> list[float]:
+        got = self.inner.score(request, candidates)
+        return [0.625] * len(candidates) if got is None else got
+
+
+def test_leaving_out_scorers_without_preference_changes_no_pick_or_reason() -> None:
+    doc = epp(
+        {"type": "queue-scorer", "weight": 2},
+        {"type": "inflight-load-scorer", "weight": 1},
+        {"type": "latency-scorer", "weight": 1},
+        {"type": "lora-affinity-scorer", "weight": 3},
+        {"type": "session-affinity-scorer", "weight": 2},
+        picker={"maxNumOfEndpoints": 3},
+    )
+    rng = random.Random(3)
+    left_out = 0
+    for trial in range(200):
+        pool = pool_of(*({"waiting": float(rng.choice((0, 0, 1, 3)))} for _ in range(rng.randint(1, 9))))
+        for ep in pool.endpoints:
+            ep.inflight_requests = rng.choice((0, 0, 2))
+            ep.refresh_load()
+        plain, uniform = scheduler(pool, doc, seed=trial), scheduler(pool, doc, seed=trial)
+        uniform.scorers = [_Uniform(s) for s in uniform.scorers]
+        request = InferenceRequest(model="m")
+        got, want = plain.schedule(request, pool.endpoints), uniform.schedule(request, pool.endpoints)
+        assert got is not None and want is not None
+        assert (got.endpoints, got.reason) == (want.endpoints, want.reason)
+        left_out += plain.recent[-1].scores.count(None)
+    assert left_out >= 200 * 3  # latency, LoRA and session never had one; queue and in-flight at times
+
+
+def test_a_scorer_without_preference_is_shown_as_none_and_never_the_reason() -> None:
+    pool = pool_of({"waiting": 0.0}, {"waiting": 4.0})
+    doc = epp({"type": "latency-scorer", "weight": 5}, {"type": "queue-scorer", "weight": 1})
+    sched = scheduler(pool, doc)
+    result = sched.schedule(InferenceRequest(), pool.endpoints)
+    assert result is not None and result.endpoints[0] is pool.endpoints[0]
+    assert result.reason == "queue-scorer"
+    assert [scores for _, _, scores in sched.recent[-1].rows()] == [[None, 1.0], [None, 0.0]]
+    assert [total for _, total, _ in sched.recent[-1].rows()] == [1.0, 0.0]
+
+
+def test_fresh_among_agrees_with_freshness() -> None:
+    rng = random.Random(11)
+    eps = []
+    for i in range(300):
+        ep = endpoint(f"e{i}", waiting=rng.choice((None, 0.0)))
+        ep.scraped_at = NOW - rng.choice((0.0, 1.0, 2.0, 2.5, 5.0))
+        ep.consecutive_failures = rng.choice((0, 0, 1))
+        eps.append(ep)
+    want = [ep for ep in eps if ep.freshness(NOW, 2.0) is Freshness.FRESH]
+    assert 0 < len(want) < len(eps)
+    assert fresh_among(eps, NOW, 2.0) == want
+    everyone = tuple(want)
+    assert fresh_among(everyone, NOW, 2.0) is everyone  # all fresh: handed on as it is
