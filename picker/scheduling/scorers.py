@@ -37,14 +37,16 @@ def least_is_best(values: list[float], min_span: float = 0.0) -> list[float] | N
     range is at least that wide, so one request more than the least loaded does not cost the full
     weight (which would let any load wobble override a prefix-cache hit).
     """
-    if not values:
+    distinct = set(values)
+    if len(distinct) < 2:
         return None
-    low = min(values)
-    high = max(values)
-    if high == low:
-        return None
-    span = max(high - low, min_span)
-    return [1.0 - (v - low) / span for v in values]
+    low = min(distinct)
+    span = max(max(distinct) - low, min_span)
+    if len(distinct) * 4 > len(values):
+        return [1.0 - (v - low) / span for v in values]
+    # Loads are mostly a few small counts: compute each distinct score once, look the rest up.
+    score = {v: 1.0 - (v - low) / span for v in distinct}
+    return list(map(score.__getitem__, values))
 
 
 class _Positions:
