@@ -21,6 +21,7 @@ from picker.scheduling.scorers import (
     LoraAffinityScorer,
     QueueScorer,
     SessionAffinityScorer,
+    least_is_best,
 )
 from picker.telemetry import REGISTRY
 from tests.unit.conftest import NOW, epp, pool_of
@@ -425,3 +426,14 @@ def test_fresh_among_agrees_with_freshness() -> None:
     assert fresh_among(eps, NOW, 2.0) == want
     everyone = tuple(want)
     assert fresh_among(everyone, NOW, 2.0) is everyone  # all fresh: handed on as it is
+
+
+def test_least_is_best_gives_the_formula_whether_loads_repeat_or_not() -> None:
+    rng = random.Random(5)
+    for distinct in (2, 3, 50):
+        values = [float(rng.randrange(distinct)) for _ in range(200)]
+        low, high = min(values), max(values)
+        for min_span in (0.0, 4.0):
+            span = max(high - low, min_span)
+            assert least_is_best(values, min_span) == [1.0 - (v - low) / span for v in values]
+    assert least_is_best([2.0] * 9) is None and least_is_best([]) is None
