@@ -105,6 +105,7 @@ def run_cell(endpoints: int, prompt_kb: int, warm: int, requests: int, seed: int
             waiting=rng.randint(0, 4), kv_usage=rng.uniform(0.1, 0.7), block_size=16, num_gpu_blocks=26000
         )
         ep.scraped_at = NOW
+        ep.refresh_load()
     scheduler = Scheduler.from_config(config, pool, clock=lambda: NOW, rng=rng)
     control = RequestControl(pool, scheduler, Admission(config.saturation, config.metrics), config)
     max_prefix_chars = config.limits.max_prefix_chars

@@ -18,6 +18,7 @@ Off by default: the header would let any client choose its replica.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,7 +34,7 @@ LB_NAMESPACE = "envoy.lb"
 SERVED_KEY = "x-gateway-destination-endpoint-served"
 
 
-def select(value: str, candidates: list[Endpoint]) -> list[Endpoint]:
+def select(value: str, candidates: Sequence[Endpoint]) -> list[Endpoint]:
     """The candidates `value` names, in the order it names them, each once."""
     chosen: list[Endpoint] = []
     for item in value.split(","):
@@ -64,7 +65,7 @@ class EndpointSelectionFilter:
 
     name: ClassVar[str] = SELECTION_HEADER
 
-    def filter(self, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[Endpoint]:
         return select(request.endpoint_selection or "", candidates)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # A scrape shows a request within about one interval; pending entries this old mean the scrapes
@@ -61,6 +62,11 @@ class Endpoint:
       "scrape" signal), or until its exchange is known to be over; this is all there is when
       streams end with the request phase (lean mode).
     `load` reconciles them with the scraped queue.
+
+    `load` and `load_tokens` are plain attributes, kept current by `refresh_load` whenever what
+    they derive from changes (a scrape, a hold, a release), because every scorer reads them for
+    every candidate of every decision. Code that assigns `metrics` or the counters directly (tests,
+    benchmarks) calls `refresh_load` afterwards.
     """
 
     address: str
@@ -78,8 +84,14 @@ class Endpoint:
     # None until the endpoint answered: then nothing can be concluded from it.
     models: dict[str, str | None] | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    load: float = field(init=False, default=0.0)
+    load_tokens: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.refresh_load()
 
     def freshness(self, now: float, stale_after: float) -> Freshness:
+        # `fresh_among` applies the FRESH rule to many endpoints at once: keep the two equal.
         if self.metrics is None:
             return Freshness.UNKNOWN
         if self.consecutive_failures == 0 and now - self.scraped_at <= stale_after:
@@ -91,6 +103,7 @@ class Endpoint:
         fold the tokens generated since the last one into `token_seconds`."""
         self._forget_pending(visible_before)
         previous, self.metrics = self.metrics, metrics
+        self.refresh_load()
         if previous is None or metrics.itl_count <= previous.itl_count:
             return  # nothing decoded since (or the engine restarted and its counters reset)
         recent = (metrics.itl_sum - previous.itl_sum) / (metrics.itl_count - previous.itl_count)
@@ -106,6 +119,7 @@ class Endpoint:
         self.pending.append(entry)
         self.pending_requests += 1
         self.pending_tokens += tokens
+        self.refresh_load()
         return entry
 
     def release(self, entry: Pending, *, exchange_over: bool) -> None:
@@ -115,6 +129,7 @@ class Endpoint:
         self.inflight_tokens -= entry.tokens
         if exchange_over:
             self._uncount(entry)
+        self.refresh_load()
 
     def _uncount(self, entry: Pending) -> None:
         if entry.counted:
@@ -127,19 +142,16 @@ class Endpoint:
         while pending and pending[0].routed_at < before:
             self._uncount(pending.popleft())
 
-    @property
-    def load(self) -> float:
-        """Requests at the endpoint as best known: the picker's own open exchanges, or the
-        scraped queue and batch plus what was routed since that scrape, whichever is more (the
-        scrape also counts other pickers' and clients' requests; open streams move first)."""
+    def refresh_load(self) -> None:
+        """Recompute `load`: requests at the endpoint as best known, the picker's own open
+        exchanges or the scraped queue and batch plus what was routed since that scrape, whichever
+        is more (the scrape also counts other pickers' and clients' requests; open streams move
+        first); and `load_tokens`: prompt tokens in flight on open streams, or routed since the
+        last scrape."""
         m = self.metrics
         scraped = m.running + m.waiting if m is not None else 0.0
-        return max(float(self.inflight_requests), scraped + self.pending_requests)
-
-    @property
-    def load_tokens(self) -> int:
-        """Prompt tokens in flight on open streams, or routed since the last scrape."""
-        return max(self.inflight_tokens, self.pending_tokens)
+        self.load = max(float(self.inflight_requests), scraped + self.pending_requests)
+        self.load_tokens = max(self.inflight_tokens, self.pending_tokens)
 
     @property
     def waiting(self) -> float:
@@ -148,3 +160,15 @@ class Endpoint:
     @property
     def kv_usage(self) -> float:
         return self.metrics.kv_usage if self.metrics else 0.0
+
+
+def fresh_among(endpoints: Sequence[Endpoint], now: float, stale_after: float) -> Sequence[Endpoint]:
+    """The endpoints whose `freshness` is FRESH, in order, judged in one pass without a call per
+    endpoint (the scheduler's filter runs it on the whole pool every decision); `endpoints`
+    itself when all are, so callers can keep it (and what they cached for it)."""
+    fresh = [
+        e
+        for e in endpoints
+        if e.metrics is not None and e.consecutive_failures == 0 and now - e.scraped_at <= stale_after
+    ]
+    return endpoints if len(fresh) == len(endpoints) else fresh

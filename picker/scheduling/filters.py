@@ -8,12 +8,12 @@ The gateway's subset hint is not a filter: request control applies it once, befo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from picker.config import MetricsConfig
-from picker.datalayer.endpoint import Endpoint, Freshness
+from picker.datalayer.endpoint import Endpoint, Freshness, fresh_among
 from picker.request import InferenceRequest
 
 
@@ -31,10 +31,10 @@ class HealthyFilter:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     clock: Callable[[], float] = time.monotonic
 
-    def filter(self, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
         now = self.clock()
         stale_after = self.metrics.stale_after
-        fresh = [e for e in candidates if e.freshness(now, stale_after) is Freshness.FRESH]
+        fresh = fresh_among(candidates, now, stale_after)
         if fresh:
             return fresh
         return [e for e in candidates if e.freshness(now, stale_after) is Freshness.STALE]

@@ -1,8 +1,8 @@
 """The contracts of the scheduling extension points (implementations live beside this module).
 
 Modelled on the reference EPP's framework: a plugin is configured from YAML by its `type`, scores
-are in [0, 1] and combined as a weighted sum, and scorers say whether they pull traffic together
-(affinity) or spread it (distribution).
+are in [0, 1] (or None: no preference this decision) and combined as a weighted sum, and scorers
+say whether they pull traffic together (affinity) or spread it (distribution).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ class ScorerCategory(enum.StrEnum):
 class Filter(Protocol):
     name: str
 
-    def filter(self, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
-        """The candidates that may serve `request` (a subset, order kept)."""
+    def filter(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        """The candidates that may serve `request` (a subset, order kept; `candidates` itself
+        when all may, which lets scorers reuse what they derived from it)."""
         ...
 
 
@@ -32,8 +33,11 @@ class Scorer(Protocol):
     name: str
     category: ScorerCategory
 
-    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[float]:
-        """One score in [0, 1] per candidate, in candidate order; higher is better."""
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[float] | None:
+        """One score in [0, 1] per candidate, in candidate order; higher is better. None: no
+        preference this time (no state for this request, nothing measured, every candidate
+        equal), which leaves the scorer out of the weighted sum and of the decision's reason:
+        under max-score picking a column equal for all candidates would change no pick."""
         ...
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,8 +20,9 @@ class ServedModelFilter:
 
     name: ClassVar[str] = "served-model"
 
-    def filter(self, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
         model = request.model
         if not model:
             return candidates
-        return [ep for ep in candidates if (models := ep.models) is None or model in models]
+        kept = [ep for ep in candidates if (models := ep.models) is None or model in models]
+        return candidates if len(kept) == len(candidates) else kept

@@ -115,9 +115,18 @@ class PrefixIndex:
                 lru[h] = None
                 owners = shards[h & _SHARD_MASK]
                 owners[h] = owners.get(h, 0) | bit
-        evict = lru.popitem
-        for _ in range(len(lru) - capacity):
-            self._unown(evict(last=False)[0], bit)
+        excess = len(lru) - capacity
+        if excess > 0:  # inlined `_unown`: a prompt of new blocks evicts as many, each a call
+            keep = ~bit
+            evict = lru.popitem
+            for _ in range(excess):
+                h = evict(False)[0]
+                owners = shards[h & _SHARD_MASK]
+                mask = owners[h] & keep
+                if mask:
+                    owners[h] = mask
+                else:
+                    del owners[h]
 
     def drop_endpoint(self, endpoint: Endpoint) -> None:
         """Forget everything recorded for `endpoint` (it left the pool)."""

@@ -1,9 +1,10 @@
 """The scheduler: filters -> weighted scorers -> picker, as the config's profile says.
 
 Called once per request on the ext_proc server's event loop, so one `schedule` is synchronous and
-O(endpoints + prompt blocks): lists of floats, no logging, no per-candidate dicts. The last
-decisions are kept for `/debug/decisions` as a few small tuples each in a bounded deque, and
-rendered only when someone asks.
+O(endpoints + prompt blocks): lists of floats, no logging, no per-candidate dicts, and the
+weighted sum in one pass over the candidates (`weighted_sum`). The last decisions are kept for
+`/debug/decisions` as a few small tuples each in a bounded deque, and rendered only when someone
+asks.
 """
 
 from __future__ import annotations
@@ -50,15 +51,16 @@ class DecisionRecord(NamedTuple):
     candidates: int  # endpoints that passed the filters
     endpoints: tuple[Endpoint, ...] | Endpoint
     totals: tuple[float, ...] | float  # the weighted sums
-    scores: list[tuple[float, ...]] | list[float]  # per scorer instance (`Scheduler.names` order)
+    # per scorer instance (`Scheduler.names` order); None: that scorer had no preference
+    scores: list[tuple[float, ...] | None] | list[float | None]
     reason: str
 
-    def rows(self) -> list[tuple[Endpoint, float, list[float]]]:
+    def rows(self) -> list[tuple[Endpoint, float, list[float | None]]]:
         """(endpoint, total, scores by scorer instance) of each endpoint considered, in order."""
         if self.candidates == 1:
             return [(self.endpoints, self.totals, list(self.scores))]  # type: ignore[list-item]
         return [
-            (ep, total, [column[i] for column in self.scores])  # type: ignore[index]
+            (ep, total, [None if column is None else column[i] for column in self.scores])  # type: ignore[index]
             for i, (ep, total) in enumerate(zip(self.endpoints, self.totals, strict=True))  # type: ignore[arg-type]
         ]
 
@@ -88,6 +90,8 @@ class Scheduler:
         self.scorers: list[Scorer] = [build_plugin(instance, ctx) for instance in pipeline.scorers]
         self.names: list[str] = [instance.name for instance in pipeline.scorers]
         self.weights: list[float] = [instance.weight for instance in pipeline.scorers]
+        # which scorers had a preference -> the weighted sum over just those (compiled when first met)
+        self._sums: dict[tuple[bool, ...], Callable[..., list[float]]] = {}
         self.picker: Picker = build_plugin(pipeline.picker, ctx)
         self.observers: list[PickObserver] = [
             plugin for plugin in (*self.scorers, self.picker) if callable(getattr(plugin, "on_pick", None))
@@ -114,15 +118,22 @@ class Scheduler:
 
         Decides only: request control commits the decision and then tells `observers`.
         """
-        candidates = list(candidates)
         for flt in self.filters if request.endpoint_selection is None else self.selecting:
             candidates = flt.filter(request, candidates)
             if not candidates:
                 return None
         columns = [scorer.score(request, candidates) for scorer in self.scorers]
-        totals = [0.0] * len(candidates)
-        for weight, column in zip(self.weights, columns, strict=True):
-            totals = [t + weight * s for t, s in zip(totals, column, strict=True)]
+        active = [column for column in columns if column is not None]
+        if active:
+            present = tuple([column is not None for column in columns])
+            total = self._sums.get(present)
+            if total is None:
+                total = self._sums[present] = weighted_sum(
+                    [w for w, there in zip(self.weights, present, strict=True) if there]
+                )
+            totals = total(*active)
+        else:
+            totals = [0.0] * len(candidates)
         chosen = self.picker.pick(candidates, totals)
         shown = [candidates.index(endpoint) for endpoint in chosen]
         runner_up = self._runner_up(totals, shown[0])
@@ -138,7 +149,7 @@ class Scheduler:
             len(candidates),
             take(candidates),
             take(totals),
-            [take(c) for c in columns],
+            [None if c is None else take(c) for c in columns],
         )
         self.recent.append(DecisionRecord(*record, reason))
         by_model = self.requests_by_model
@@ -167,12 +178,34 @@ class Scheduler:
         return runner_up
 
     def _reason(
-        self, totals: list[float], columns: list[Sequence[float]], win: int, runner_up: int | None
+        self, totals: list[float], columns: list[Sequence[float] | None], win: int, runner_up: int | None
     ) -> str:
-        """The scorer whose weighted contribution most separated the winner from the runner-up."""
+        """The scorer whose weighted contribution most separated the winner from the runner-up
+        (the first such; scorers without a preference contributed nothing)."""
         if runner_up is None:
             return "only-candidate"
-        if totals[win] - totals[runner_up] <= TIE_TOLERANCE or not self.scorers:
+        if totals[win] - totals[runner_up] <= TIE_TOLERANCE:
             return "tie"
-        gaps = [w * (col[win] - col[runner_up]) for w, col in zip(self.weights, columns, strict=True)]
-        return self.names[gaps.index(max(gaps))]
+        reason, widest = "tie", -math.inf
+        for name, w, col in zip(self.names, self.weights, columns, strict=True):
+            if col is not None and (gap := w * (col[win] - col[runner_up])) > widest:
+                reason, widest = name, gap
+        return reason
+
+
+def weighted_sum(weights: Sequence[float]) -> Callable[..., list[float]]:
+    """`total(*columns)`: per candidate, the sum of weight x score over `columns` (one per weight,
+    at least one).
+
+    Generated as a single list comprehension over the zipped columns, so a decision walks the
+    candidates once instead of once per scorer. Terms are added in column order and a weight of 1
+    is not multiplied, so each total equals, bit for bit, the running sum `0.0 + w0*s0 + w1*s1 ...`.
+    """
+    scores = "".join(f"s{i}, " for i in range(len(weights)))
+    columns = ", ".join(f"c{i}" for i in range(len(weights)))
+    terms = " + ".join(f"s{i}" if w == 1.0 else f"w{i} * s{i}" for i, w in enumerate(weights))
+    source = (
+        f"lambda {''.join(f'w{i}, ' for i in range(len(weights)))}: "
+        f"lambda {columns}: [{terms} for {scores} in zip({columns}, strict=True)]"
+    )
+    return eval(source)(*weights)  # names and indices only: the weights are passed as values

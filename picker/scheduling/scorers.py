@@ -2,7 +2,9 @@
 
 Distribution scorers spread load (scraped queue and KV use, the picker's own in-flight counts);
 affinity scorers pull a request towards the endpoint likely to hold its state (prefix cache,
-session). Hot path: plain lists of floats, no per-candidate allocation beyond them.
+session). Hot path: plain lists of floats, no per-candidate allocation beyond them, and None
+("no preference": every candidate would score the same) where that is known cheaply, which
+takes the scorer out of the sum.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, ClassVar
 
 from picker.config import camel
@@ -22,21 +25,51 @@ from picker.scheduling.interface import ScorerCategory
 from picker.scheduling.prefix import PrefixIndex, block_hashes
 from picker.telemetry import PREFIX_MATCH_RATIO
 
+_load = attrgetter("load")
+_load_tokens = attrgetter("load_tokens")
+_address = attrgetter("address")
 
-def least_is_best(values: list[float], min_span: float = 0.0) -> list[float]:
+
+def least_is_best(values: list[float], min_span: float = 0.0) -> list[float] | None:
     """The reference queue formula (max - v) / (max - min): 1 for the least loaded, 0 for the most.
 
-    All equal -> 1.0 each: nothing to prefer. `min_span` keeps small differences small: the range
-    is at least that wide, so one request more than the least loaded does not cost the full
+    All equal (or none) -> None: nothing to prefer. `min_span` keeps small differences small: the
+    range is at least that wide, so one request more than the least loaded does not cost the full
     weight (which would let any load wobble override a prefix-cache hit).
     """
-    if not values:
-        return []
-    low = min(values)
-    span = max(max(values) - low, min_span)
-    if span <= 0.0:
-        return [1.0] * len(values)
-    return [1.0 - (v - low) / span for v in values]
+    distinct = set(values)
+    if len(distinct) < 2:
+        return None
+    low = min(distinct)
+    span = max(max(distinct) - low, min_span)
+    if len(distinct) * 4 > len(values):
+        return [1.0 - (v - low) / span for v in values]
+    # Loads are mostly a few small counts: compute each distinct score once, look the rest up.
+    score = {v: 1.0 - (v - low) / span for v in distinct}
+    return list(map(score.__getitem__, values))
+
+
+class _Positions:
+    """Each candidate's position, for scorers that fill in a few scores and leave the rest 0.
+
+    Kept for the last tuple of candidates seen: the pool's snapshot is a tuple the filters hand on
+    unchanged while every endpoint passes, so the map is built once per change of the pool, not
+    per decision. Lists (a filtered pool) may change in place: those get None.
+    """
+
+    __slots__ = ("_of", "_positions")
+
+    def __init__(self) -> None:
+        self._of: tuple[Endpoint, ...] = ()
+        self._positions: dict[Endpoint, int] = {}
+
+    def of(self, candidates: Sequence[Endpoint]) -> dict[Endpoint, int] | None:
+        if candidates is not self._of:
+            if type(candidates) is not tuple:
+                return None
+            self._of = candidates
+            self._positions = {ep: i for i, ep in enumerate(candidates)}
+        return self._positions
 
 
 @dataclass(slots=True)
@@ -47,13 +80,14 @@ class QueueScorer:
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
     min_span: float = 4.0  # waiting requests; 0 is the reference EPP's pure min-max
 
-    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float] | None:
         known = [m.waiting for ep in candidates if (m := ep.metrics) is not None]
-        if len(known) == len(candidates):
-            return least_is_best(known, self.min_span)
+        scaled = least_is_best(known, self.min_span)
+        if len(known) == len(candidates) or not known:
+            return scaled
         # An endpoint we know nothing about scores 0 and stays out of the others' scale.
-        scaled = iter(least_is_best(known, self.min_span))
-        return [0.0 if ep.metrics is None else next(scaled) for ep in candidates]
+        ranked = iter(scaled or [1.0] * len(known))
+        return [0.0 if ep.metrics is None else next(ranked) for ep in candidates]
 
 
 @dataclass(slots=True)
@@ -90,10 +124,9 @@ class InflightLoadScorer:
         if self.min_span < 0:
             self.min_span = 4.0 if self.measure == "requests" else 4096.0
 
-    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
-        if self.measure == "requests":
-            return least_is_best([ep.load for ep in candidates], self.min_span)
-        return least_is_best([ep.load_tokens for ep in candidates], self.min_span)
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float] | None:
+        load = _load if self.measure == "requests" else _load_tokens
+        return least_is_best(list(map(load, candidates)), self.min_span)
 
 
 @dataclass(slots=True)
@@ -107,7 +140,7 @@ class LatencyScorer:
     batch grows, so the fast ones take the load until it slows them to the others' pace (queue and
     KV scorers still guard against overload). Scale-free: within `tolerance` of the fastest
     scores 1, `zero_at` times the fastest scores 0. Replicas with no measurement yet count as
-    the pool's average, so they get tried.
+    the pool's average, so they get tried; with none measured there is no preference (None).
     """
 
     name: ClassVar[str] = "latency-scorer"
@@ -119,10 +152,10 @@ class LatencyScorer:
         if self.tolerance < 0 or self.zero_at <= 1 + self.tolerance:
             raise ValueError("latency scorer needs tolerance >= 0 and zero_at > 1 + tolerance")
 
-    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float] | None:
         known = [t for ep in candidates if (t := ep.token_seconds) > 0.0]
         if not known:
-            return [1.0] * len(candidates)
+            return None
         usual = sum(known) / len(known)
         best = min(known)
         # Batch size alone moves a replica's latency by tens of percent: only bigger gaps count.
@@ -135,7 +168,10 @@ class LatencyScorer:
 
 @dataclass(slots=True)
 class SessionAffinityScorer:
-    """Requests of one session (`request.session_key`) prefer the endpoint that served it last."""
+    """Requests of one session (`request.session_key`) prefer the endpoint that served it last.
+
+    No preference (None) for a request without a session, or whose endpoint is not a candidate.
+    """
 
     name: ClassVar[str] = "session-affinity-scorer"
     category: ClassVar[ScorerCategory] = ScorerCategory.AFFINITY
@@ -146,9 +182,16 @@ class SessionAffinityScorer:
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
 
-    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float] | None:
         address = self._last.get(request.session_key) if request.session_key else None
-        return [1.0 if ep.address == address else 0.0 for ep in candidates]
+        if address is None:
+            return None
+        addresses = list(map(_address, candidates))
+        if address not in addresses:
+            return None
+        scores = [0.0] * len(candidates)
+        scores[addresses.index(address)] = 1.0
+        return scores
 
     def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         key = request.session_key
@@ -168,15 +211,16 @@ class LoraAffinityScorer:
     a slot is free (adapters running or waiting, each counted once, fewer than `max_lora`), 0.6
     when it is only waiting, else 0. A base model an endpoint serves (its `/v1/models` says so)
     is always loaded there: 1.0, so base-model requests are not steered by adapter slots.
+    Equal scores everywhere (no LoRA in the pool, a base model all serve) are no preference: None.
     """
 
     name: ClassVar[str] = "lora-affinity-scorer"
     category: ClassVar[ScorerCategory] = ScorerCategory.AFFINITY
 
-    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float] | None:
         model = request.model
         if not model:
-            return [0.0] * len(candidates)
+            return None
         scores: list[float] = []
         append = scores.append
         for ep in candidates:
@@ -193,7 +237,7 @@ class LoraAffinityScorer:
                 append(0.8)
             else:
                 append(0.6 if model in m.waiting_loras else 0.0)
-        return scores
+        return scores if scores and scores.count(scores[0]) != len(scores) else None
 
 
 @dataclass(slots=True)
@@ -218,7 +262,8 @@ class PrefixCacheScorer:
     endpoint whose load (`Endpoint.load`) exceeds the least-loaded candidate's by more than
     `max_load_gap + relative_load_gap * least` scores 0 for this request, so load decides.
     Parameters carry the reference scorer's names; with `auto_tune` the block size and each
-    endpoint's capacity follow what the engines report (`vllm:cache_config_info`).
+    endpoint's capacity follow what the engines report (`vllm:cache_config_info`). Scores are
+    filled in only for the few endpoints that match; none matching is no preference (None).
     """
 
     name: ClassVar[str] = "prefix-cache-scorer"
@@ -234,6 +279,7 @@ class PrefixCacheScorer:
     index: PrefixIndex = field(init=False, default_factory=PrefixIndex)
     _next_tune: float = field(init=False, default=-math.inf)
     _cycle_key: str = field(init=False, default="")
+    _positions: _Positions = field(init=False, default_factory=_Positions)
 
     def __post_init__(self) -> None:
         self._cycle_key = f"prefix-cache-scorer@{id(self)}"  # two instances may hash differently
@@ -265,20 +311,29 @@ class PrefixCacheScorer:
                 parameters["maxPrefixBlocksToMatch"] = max(1, tokens // block)
         return parameters
 
-    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+    def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float] | None:
         if self.auto_tune:
             self._retune()
         state = self._cycle(request)
         matched = state.matched = self.index.match(state.hashes)
         if not matched:
-            return [0.0] * len(candidates)
-        affine = matched
+            return None
+        limit = math.inf
         if self.max_load_gap != math.inf:
-            least = min([ep.load for ep in candidates])
+            least = min(map(_load, candidates))
             limit = least + self.max_load_gap + self.relative_load_gap * least
-            affine = {ep: n for ep, n in matched.items() if ep.load <= limit}
         total = len(state.hashes)
-        return [affine.get(ep, 0) / total for ep in candidates]
+        positions = self._positions.of(candidates)
+        if positions is None:
+            get = matched.get
+            scores = [n / total if (n := get(ep, 0)) and ep.load <= limit else 0.0 for ep in candidates]
+        else:
+            scores = [0.0] * len(candidates)
+            for ep, n in matched.items():
+                at = positions.get(ep)
+                if at is not None and ep.load <= limit:
+                    scores[at] = n / total
+        return scores if any(scores) else None
 
     def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         state = self._cycle(request)

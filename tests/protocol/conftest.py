@@ -111,6 +111,7 @@ class Picker:
         endpoint.metrics = EngineMetrics(**values)  # type: ignore[arg-type]
         endpoint.scraped_at = time.monotonic()
         endpoint.consecutive_failures = 0
+        endpoint.refresh_load()
 
     def inflight(self, address: str) -> int:
         endpoint = self.pool.get(address)

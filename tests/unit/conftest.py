@@ -18,6 +18,7 @@ def pool_of(*loads: dict[str, Any]) -> EndpointPool:
     for ep, fields in zip(pool.endpoints, loads, strict=True):
         ep.metrics = EngineMetrics(**fields)
         ep.scraped_at = NOW
+        ep.refresh_load()
     return pool
 
 

@@ -25,6 +25,7 @@ def scheduled(requests: int) -> tuple[EndpointPool, Scheduler]:
     pool = pool_of({}, {})
     a, b = pool.endpoints
     a.inflight_requests, b.inflight_tokens = 2, 9000
+    a.refresh_load(), b.refresh_load()
     config = Config.from_document(DOC)
     sched = Scheduler.from_config(config, pool, clock=lambda: NOW, rng=random.Random(1))
     control = RequestControl(pool, sched, Admission(config.saturation, config.metrics, lambda: NOW), config)
@@ -46,8 +47,9 @@ def test_each_named_instance_reports_its_own_scores() -> None:
     assert decision["reason"] == "tokens" and decision["candidates"] == 2
     assert [c["endpoint"] for c in decision["considered"]] == [a.address, b.address]  # pick, fallback
     by_endpoint = {c["endpoint"]: c for c in decision["considered"]}
-    assert by_endpoint[a.address]["scores"] == {"requests": 0.5, "tokens": 1.0, "short-prefixes": 0.0}
-    assert by_endpoint[b.address]["scores"] == {"requests": 1.0, "tokens": 0.0, "short-prefixes": 0.0}
+    # nothing was recorded yet, so the prefix scorer had no preference: null, and out of the total
+    assert by_endpoint[a.address]["scores"] == {"requests": 0.5, "tokens": 1.0, "short-prefixes": None}
+    assert by_endpoint[b.address]["scores"] == {"requests": 1.0, "tokens": 0.0, "short-prefixes": None}
     assert by_endpoint[a.address]["total"] == 2.5 and by_endpoint[b.address]["total"] == 1.0
 
 
@@ -63,8 +65,8 @@ def test_a_decision_keeps_the_pick_and_runner_up_not_the_whole_pool() -> None:
     assert sched.schedule(InferenceRequest(model="m"), pool.endpoints[5:6]) is not None
     alone = decisions_view(sched)["decisions"][0]
     assert alone["candidates"] == 1 and alone["reason"] == "only-candidate"
-    assert alone["considered"] == [
-        {"endpoint": pool.endpoints[5].address, "total": 1.0, "scores": {"queue-scorer": 1.0}}
+    assert alone["considered"] == [  # one candidate: the queue scorer has no preference
+        {"endpoint": pool.endpoints[5].address, "total": 0.0, "scores": {"queue-scorer": None}}
     ]
 
 

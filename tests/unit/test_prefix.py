@@ -41,6 +41,7 @@ def make_pool(n: int, **metrics: Any) -> EndpointPool:
     for ep in pool.endpoints:
         ep.metrics = EngineMetrics(**metrics)
         ep.scraped_at = NOW
+        ep.refresh_load()
     return pool
 
 
@@ -64,6 +65,7 @@ def route(sched: Scheduler, prompt: str, *, only: Endpoint | None = None, hold: 
     chosen = result.endpoints[0]
     if hold:
         chosen.inflight_requests += 1
+        chosen.refresh_load()
     for observer in sched.observers:
         observer.on_pick(request, chosen)
     return chosen
@@ -191,7 +193,7 @@ def test_capacity_eviction_loses_affinity_of_an_old_prefix() -> None:
     route(sched, text(2, 4), only=a, hold=False)
     route(sched, text(3, 4), only=a, hold=False)
     assert prefix_scorer(sched).index.held(a) == 8
-    assert prefix_scorer(sched).score(InferenceRequest(model="m", prompt=text(1, 4)), [a, b]) == [0.0, 0.0]
+    assert prefix_scorer(sched).score(InferenceRequest(model="m", prompt=text(1, 4)), [a, b]) is None
 
 
 def test_capacity_converts_engine_blocks_to_our_blocks() -> None:
@@ -240,7 +242,7 @@ def test_block_size_auto_tune_follows_most_endpoints_and_clears_the_index() -> N
     assert scorer.block_size_tokens == 16  # looks again only after the retune interval
     clock.now += 1.0
     again = InferenceRequest(model="m", prompt=text(1, 4))
-    assert scorer.score(again, [a]) == [0.0]
+    assert scorer.score(again, [a]) is None  # nothing matches: no preference
     assert scorer.block_size_tokens == 32 and len(scorer.index) == 0
     scorer.on_pick(again, a)
     assert scorer.index.held(a) == 2  # 256 characters in 128-character blocks
@@ -253,10 +255,13 @@ def test_load_guard_spreads_a_hot_prefix_off_an_overloaded_endpoint() -> None:
     hot = text(1, 8)
     route(sched, hot, only=a, hold=False)
     a.inflight_requests = 8  # within the gap of 8: affinity still wins over load
+    a.refresh_load()
     assert route(sched, hot + "q1" * 40, hold=False) is a
     a.inflight_requests, b.inflight_requests = 55, 40  # gap 15 <= 8 + 0.25 x 40
+    a.refresh_load(), b.refresh_load()
     assert route(sched, hot + "q2" * 40, hold=False) is a
     a.inflight_requests, b.inflight_requests = 9, 0
+    a.refresh_load(), b.refresh_load()
     assert route(sched, hot + "q3" * 40, hold=False) is b
 
 
@@ -268,5 +273,36 @@ def test_load_guard_counts_waiting_requests_and_can_be_disabled() -> None:
         sched = prefix_scheduler(pool, maxLoadGap=gap)
         route(sched, hot, only=a, hold=False)
         a.metrics = EngineMetrics(waiting=30)
+        a.refresh_load()
         assert route(sched, hot + "q" * 64, hold=False) is expected
         a.metrics = EngineMetrics()
+        a.refresh_load()
+
+
+def test_sparse_prefix_scores_equal_the_dense_ones() -> None:
+    # The pool's snapshot (a tuple) gets scores filled in by position, a filtered list the dense
+    # walk; with the load guard active both must agree, and say None when nothing matches.
+    pool = make_pool(40)
+    sched = prefix_scheduler(pool)
+    systems = [text(100 + g, 6) for g in range(5)]
+    rng = random.Random(2)
+    for i in range(300):
+        route(sched, rng.choice(systems) + text(1000 + i, rng.randint(0, 3)))
+        if i % 7 == 0:
+            done = rng.choice(pool.endpoints)
+            done.inflight_requests = max(0, done.inflight_requests - 3)
+            done.refresh_load()
+    scorer = prefix_scorer(sched)
+    filled = guarded = 0
+    for g, system in enumerate(systems):
+        request = InferenceRequest(model="m", prompt=system + text(5000 + g, 2))
+        sparse = scorer.score(request, pool.endpoints)
+        dense = scorer.score(request, list(pool.endpoints))
+        assert sparse == dense
+        nonzero = 0 if sparse is None else sum(1 for s in sparse if s)
+        filled += nonzero
+        guarded += len(scorer._cycle(request).matched) - nonzero  # matching, but too busy
+    assert filled > 0 and guarded > 0
+    unknown = InferenceRequest(model="m", prompt=text(9999, 4))
+    assert scorer.score(unknown, pool.endpoints) is None
+    assert scorer.score(unknown, list(pool.endpoints)) is None

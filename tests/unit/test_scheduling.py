@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from picker.config import Config, MetricsConfig
-from picker.datalayer.endpoint import Endpoint, EngineMetrics
+from picker.datalayer.endpoint import Endpoint, EngineMetrics, Freshness, fresh_among
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
 from picker.scheduling.filters import HealthyFilter
 from picker.scheduling.pickers import MaxScorePicker
-from picker.scheduling.scheduler import Scheduler
+from picker.scheduling.scheduler import Scheduler, weighted_sum
 from picker.scheduling.scorers import (
     InflightLoadScorer,
     KVCacheUtilizationScorer,
@@ -21,6 +21,7 @@ from picker.scheduling.scorers import (
     LoraAffinityScorer,
     QueueScorer,
     SessionAffinityScorer,
+    least_is_best,
 )
 from picker.telemetry import REGISTRY
 from tests.unit.conftest import NOW, epp, pool_of
@@ -45,8 +46,12 @@ def scheduler(pool: EndpointPool, doc: dict[str, Any] | None = None, seed: int =
     return Scheduler.from_config(config, pool, clock=FakeClock(), rng=random.Random(seed))
 
 
-def scores(scorer: Any, *candidates: Endpoint, request: InferenceRequest | None = None) -> list[float]:
-    return list(scorer.score(request or InferenceRequest(), list(candidates)))
+def scores(
+    scorer: Any, *candidates: Endpoint, request: InferenceRequest | None = None
+) -> list[float] | None:
+    """The scorer's column for `candidates` as a list, or None (no preference)."""
+    got = scorer.score(request or InferenceRequest(), list(candidates))
+    return None if got is None else list(got)
 
 
 # --- filters -------------------------------------------------------------------------------------
@@ -81,8 +86,8 @@ def test_with_nothing_fresh_known_endpoints_that_did_not_refuse_are_kept() -> No
 
 def test_queue_scorer_reference_formula() -> None:
     assert scores(QueueScorer(), endpoint("a", 0), endpoint("b", 5), endpoint("c", 10)) == [1.0, 0.5, 0.0]
-    assert scores(QueueScorer(), endpoint("a", 3), endpoint("b", 3)) == [1.0, 1.0]
-    assert scores(QueueScorer(), endpoint("a", 7)) == [1.0]
+    assert scores(QueueScorer(), endpoint("a", 3), endpoint("b", 3)) is None  # no preference
+    assert scores(QueueScorer(), endpoint("a", 7)) is None
 
 
 def test_small_load_differences_cost_little_below_the_minimum_span() -> None:
@@ -91,6 +96,7 @@ def test_small_load_differences_cost_little_below_the_minimum_span() -> None:
     a, b = endpoint("a", inflight=3), endpoint("b", inflight=5)
     assert scores(InflightLoadScorer(), a, b) == [1.0, 0.5]
     a.inflight_tokens, b.inflight_tokens = 0, 1024
+    a.refresh_load(), b.refresh_load()
     assert scores(InflightLoadScorer(measure="tokens"), a, b) == [1.0, 0.75]
 
 
@@ -120,7 +126,7 @@ def test_latency_scorer_ignores_small_gaps_and_zeroes_slow_replicas() -> None:
     got = scores(LatencyScorer(), fast, busier, slow, fresh)
     assert got[:3] == [1.0, 1.0, 0.0]
     assert 0.0 < got[3] < 1.0
-    assert scores(LatencyScorer(), endpoint("x"), endpoint("y")) == [1.0, 1.0]
+    assert scores(LatencyScorer(), endpoint("x"), endpoint("y")) is None  # nothing measured
     with pytest.raises(ValueError):
         LatencyScorer(tolerance=1.0, zero_at=1.5)
 
@@ -129,7 +135,8 @@ def test_queue_scorer_unknown_metrics_score_zero_and_do_not_set_the_scale() -> N
     got = scores(QueueScorer(), endpoint("a", None), endpoint("b", 2), endpoint("c", 6))
     assert got == [0.0, 1.0, 0.0]
     assert scores(QueueScorer(), endpoint("a", None), endpoint("b", 2)) == [0.0, 1.0]
-    assert scores(QueueScorer(), endpoint("a", None)) == [0.0]
+    assert scores(QueueScorer(), endpoint("a", None), endpoint("b", 4), endpoint("c", 4)) == [0.0, 1.0, 1.0]
+    assert scores(QueueScorer(), endpoint("a", None)) is None
 
 
 def test_kv_cache_scorer_is_free_fraction() -> None:
@@ -146,9 +153,11 @@ def test_kv_cache_scorer_is_free_fraction() -> None:
 def test_inflight_scorer_by_requests_or_tokens() -> None:
     a, b, c = endpoint("a", inflight=0), endpoint("b", inflight=2), endpoint("c", inflight=4)
     a.inflight_tokens, b.inflight_tokens, c.inflight_tokens = 9000, 1000, 5000
+    for ep in (a, b, c):
+        ep.refresh_load()
     assert scores(InflightLoadScorer(), a, b, c) == [1.0, 0.5, 0.0]
     assert scores(InflightLoadScorer(measure="tokens"), a, b, c) == [0.0, 1.0, 0.5]
-    assert scores(InflightLoadScorer(), a) == [1.0]
+    assert scores(InflightLoadScorer(), a) is None
     with pytest.raises(ValueError, match="measure"):
         InflightLoadScorer(measure="bytes")
 
@@ -157,12 +166,14 @@ def test_session_affinity_prefers_last_endpoint_of_the_session() -> None:
     a, b = endpoint("a:1"), endpoint("b:1")
     scorer = SessionAffinityScorer(max_sessions=1)
     alice = InferenceRequest(session_key="alice")
-    assert scores(scorer, a, b, request=alice) == [0.0, 0.0]
+    assert scores(scorer, a, b, request=alice) is None  # no preference: a session not seen
     scorer.on_pick(alice, b)
     assert scores(scorer, a, b, request=alice) == [0.0, 1.0]
-    assert scores(scorer, a, b, request=InferenceRequest()) == [0.0, 0.0]
+    assert scores(scorer, b, a, request=alice) == [1.0, 0.0]
+    assert scores(scorer, a, request=alice) is None  # its endpoint is not a candidate
+    assert scores(scorer, a, b, request=InferenceRequest()) is None
     scorer.on_pick(InferenceRequest(session_key="bob"), a)  # evicts alice (bound of 1)
-    assert scores(scorer, a, b, request=alice) == [0.0, 0.0]
+    assert scores(scorer, a, b, request=alice) is None
     assert scores(scorer, a, b, request=InferenceRequest(session_key="bob")) == [1.0, 0.0]
 
 
@@ -195,8 +206,11 @@ def test_lora_affinity_treats_a_served_base_model_as_loaded() -> None:
     base.models = {"llama": None, "b": "llama", "c": "llama"}
     other = lora_endpoint("other", set(), set(), 2)
     other.models = {"llama": None}
-    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="llama")) == [1.0, 1.0]
-    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="")) == [0.0, 0.0]
+    # equal everywhere: no preference, so adapter slots do not steer base-model requests
+    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="llama")) is None
+    assert scores(LoraAffinityScorer(), base, other, request=InferenceRequest(model="")) is None
+    no_lora = [lora_endpoint(f"plain{i}", set(), set(), None) for i in range(3)]
+    assert scores(LoraAffinityScorer(), *no_lora, request=InferenceRequest(model="a")) is None
 
 
 def test_lora_affinity_steers_adapter_requests_in_the_scheduler() -> None:
@@ -315,6 +329,7 @@ def test_two_instances_of_one_scorer_are_named_apart_in_reasons() -> None:
     a, b = pool.endpoints
     a.inflight_requests, a.inflight_tokens = 0, 50_000
     b.inflight_requests, b.inflight_tokens = 6, 0
+    a.refresh_load(), b.refresh_load()
 
     def decide(by_requests: float, by_tokens: float) -> tuple[str, str]:
         doc = epp(
@@ -332,3 +347,93 @@ def test_two_instances_of_one_scorer_are_named_apart_in_reasons() -> None:
 
     assert decide(3, 1) == (a.address, "by-requests")
     assert decide(1, 3) == (b.address, "by-tokens")
+
+
+# --- the weighted sum, and scorers without a preference -------------------------------------------
+
+
+def test_weighted_sum_equals_the_running_sum_bit_for_bit() -> None:
+    rng = random.Random(7)
+    for k in range(1, 7):
+        weights = [rng.choice((1.0, 2.0, 0.5, 3.7, -1.25, 0.0)) for _ in range(k)]
+        columns = [[rng.random() for _ in range(50)] for _ in range(k)]
+        running = [0.0] * 50
+        for w, column in zip(weights, columns, strict=True):
+            running = [t + w * s for t, s in zip(running, column, strict=True)]
+        assert weighted_sum(weights)(*columns) == running
+    with pytest.raises(ValueError):  # a column of the wrong length is a scorer bug, not a silent cut
+        weighted_sum([1.0, 2.0])([0.5, 0.5], [0.5])
+
+
+class _Uniform:
+    """A scorer as it was before None existed: no preference -> the same score for everyone."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name, self.category = inner, inner.name, inner.category
+
+    def score(self, request: InferenceRequest, candidates: Any) -> list[float]:
+        got = self.inner.score(request, candidates)
+        return [0.625] * len(candidates) if got is None else got
+
+
+def test_leaving_out_scorers_without_preference_changes_no_pick_or_reason() -> None:
+    doc = epp(
+        {"type": "queue-scorer", "weight": 2},
+        {"type": "inflight-load-scorer", "weight": 1},
+        {"type": "latency-scorer", "weight": 1},
+        {"type": "lora-affinity-scorer", "weight": 3},
+        {"type": "session-affinity-scorer", "weight": 2},
+        picker={"maxNumOfEndpoints": 3},
+    )
+    rng = random.Random(3)
+    left_out = 0
+    for trial in range(200):
+        pool = pool_of(*({"waiting": float(rng.choice((0, 0, 1, 3)))} for _ in range(rng.randint(1, 9))))
+        for ep in pool.endpoints:
+            ep.inflight_requests = rng.choice((0, 0, 2))
+            ep.refresh_load()
+        plain, uniform = scheduler(pool, doc, seed=trial), scheduler(pool, doc, seed=trial)
+        uniform.scorers = [_Uniform(s) for s in uniform.scorers]
+        request = InferenceRequest(model="m")
+        got, want = plain.schedule(request, pool.endpoints), uniform.schedule(request, pool.endpoints)
+        assert got is not None and want is not None
+        assert (got.endpoints, got.reason) == (want.endpoints, want.reason)
+        left_out += plain.recent[-1].scores.count(None)
+    assert left_out >= 200 * 3  # latency, LoRA and session never had one; queue and in-flight at times
+
+
+def test_a_scorer_without_preference_is_shown_as_none_and_never_the_reason() -> None:
+    pool = pool_of({"waiting": 0.0}, {"waiting": 4.0})
+    doc = epp({"type": "latency-scorer", "weight": 5}, {"type": "queue-scorer", "weight": 1})
+    sched = scheduler(pool, doc)
+    result = sched.schedule(InferenceRequest(), pool.endpoints)
+    assert result is not None and result.endpoints[0] is pool.endpoints[0]
+    assert result.reason == "queue-scorer"
+    assert [scores for _, _, scores in sched.recent[-1].rows()] == [[None, 1.0], [None, 0.0]]
+    assert [total for _, total, _ in sched.recent[-1].rows()] == [1.0, 0.0]
+
+
+def test_fresh_among_agrees_with_freshness() -> None:
+    rng = random.Random(11)
+    eps = []
+    for i in range(300):
+        ep = endpoint(f"e{i}", waiting=rng.choice((None, 0.0)))
+        ep.scraped_at = NOW - rng.choice((0.0, 1.0, 2.0, 2.5, 5.0))
+        ep.consecutive_failures = rng.choice((0, 0, 1))
+        eps.append(ep)
+    want = [ep for ep in eps if ep.freshness(NOW, 2.0) is Freshness.FRESH]
+    assert 0 < len(want) < len(eps)
+    assert fresh_among(eps, NOW, 2.0) == want
+    everyone = tuple(want)
+    assert fresh_among(everyone, NOW, 2.0) is everyone  # all fresh: handed on as it is
+
+
+def test_least_is_best_gives_the_formula_whether_loads_repeat_or_not() -> None:
+    rng = random.Random(5)
+    for distinct in (2, 3, 50):
+        values = [float(rng.randrange(distinct)) for _ in range(200)]
+        low, high = min(values), max(values)
+        for min_span in (0.0, 4.0):
+            span = max(high - low, min_span)
+            assert least_is_best(values, min_span) == [1.0 - (v - low) / span for v in values]
+    assert least_is_best([2.0] * 9) is None and least_is_best([]) is None
