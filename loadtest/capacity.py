@@ -49,7 +49,7 @@ class Preset:
         kv, replicas = self.pool.kv_tokens, self.pool.replicas
         if self.workload_name == "shared-prefix":
             return SharedPrefix(prefix_tokens=3000, question_tokens=300, output_tokens=32).sized_for(
-                kv, replicas
+                kv, replicas, fill=0.5
             )
         if self.workload_name == "cache-pressure":
             return CachePressure(prefix_tokens=2000, question_tokens=200, output_tokens=32).sized_for(
@@ -64,7 +64,7 @@ class Preset:
 # 3,000-token prefix costs ~0.5 s of prefill and round-robin saturates near 8 req/s on 4 replicas,
 # while routing that hits can go well past 20 req/s before the 2 cores run out.
 _SMALL = PoolSpec(replicas=4, speed=0.2, num_gpu_blocks=1024)
-_RATES = (2, 4, 6, 8, 10, 12, 15, 18, 22, 26)
+_RATES = (2, 4, 6, 8, 10, 12, 15, 18, 22, 26, 30, 35)
 PRESETS = {
     "well-lit": Preset("shared-prefix", _SMALL, _RATES, 1200.0),
     "cache-pressure": Preset("cache-pressure", _SMALL, _RATES, 1200.0),
