@@ -26,7 +26,7 @@ from rich.table import Table
 
 from loadtest import report
 from loadtest.runner import RunPlan, run_plan
-from loadtest.stack import MODES, PoolSpec
+from loadtest.stack import DEFAULT_MODES, MODES, PoolSpec
 from loadtest.stats import E2E_P99, HIT_RATE, OUTPUT_TPS, TOTAL_TPS, TPOT_P50, TTFT_P90, ModeResult, ratio
 from loadtest.workloads import MultiTurn, SharedPrefix, TraceReplay, Uniform, Workload, with_params
 
@@ -119,7 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         return
     run = parser
     run.add_argument("--workload", choices=WORKLOADS, required=True)
-    run.add_argument("--modes", type=_modes, default=list(MODES), help="comma-separated (all four)")
+    run.add_argument(
+        "--modes", type=_modes, default=list(DEFAULT_MODES), help=f"comma-separated ({', '.join(MODES)})"
+    )
     run.add_argument("--concurrency", type=_ints, default=[32], help="one value, or a sweep: 8,32,128")
     amount = run.add_mutually_exclusive_group()
     amount.add_argument(
