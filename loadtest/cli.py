@@ -30,7 +30,7 @@ from rich.table import Table
 
 from loadtest import report
 from loadtest.runner import LADDER_CONCURRENCY, RunPlan, run_ladder, run_plan
-from loadtest.stack import MODES, PoolSpec
+from loadtest.stack import DEFAULT_MODES, MODES, PoolSpec
 from loadtest.stats import (
     E2E_P99,
     HIT_RATE,
@@ -160,7 +160,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         return
     run = parser
     run.add_argument("--workload", choices=WORKLOADS, required=True)
-    run.add_argument("--modes", type=_modes, default=list(MODES), help="comma-separated (all four)")
+    run.add_argument(
+        "--modes", type=_modes, default=list(DEFAULT_MODES), help=f"comma-separated ({', '.join(MODES)})"
+    )
     run.add_argument(
         "--concurrency", type=_ints,
         help="one value, or a sweep: 8,32,128 (default 32; a rate ladder: a cap of "

@@ -41,6 +41,8 @@ MAX_WARMUP = 16
 LADDER_CONCURRENCY = 1024  # a ladder's default cap on open streams: high, so the replicas queue
 LADDER_STAGE_SECONDS = 20.0  # a ladder stage's length when neither requests nor duration is given
 
+CLIENT_EXIT_GRACE = 10.0  # seconds a client has to exit after its last result
+
 
 @dataclass(frozen=True, slots=True)
 class RunPlan:
@@ -327,8 +329,9 @@ async def _release(
             client.done = int(message["done"])  # type: ignore[call-overload]
             on_progress(sum(c.done for c in clients))
             if message.get("finished"):
-                if last:
-                    await client.process.wait()
+                if last:  # a client that lingers after its result is stopped by `_clients`
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(client.process.wait(), CLIENT_EXIT_GRACE)
                 return
 
     await asyncio.gather(*(follow(c) for c in clients))

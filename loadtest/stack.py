@@ -9,6 +9,9 @@ Each mode gets freshly started replicas (cold KV caches), so no mode inherits an
   both ways), the picker in its default `close` mode (ends the stream with the request phase);
 - `picker-gie-echo`: the same, the picker handing every response chunk back (`echo`);
 - `picker-gie-lean`: `envoy/envoy-gie-lean.yaml` (full-duplex request, no response processing);
+- `picker-x2`, `picker-x3`: like `picker`, with two or three active picker processes, all
+  endpoints of Envoy's ext_proc cluster (round-robin over them, as a Deployment with N replicas
+  behind a Service gets), each learning only from its own decisions;
 - `oracle`: the clients route each request themselves with exact knowledge of every replica's
   cache and queue (`loadtest.oracle`): the upper bound routing can reach, no proxy.
 """
@@ -28,13 +31,17 @@ from loadtest.envoy import Envoy
 from loadtest.processes import SimProcess, start_picker
 from vllm_sim import REPLICA_HEADER, get_profile
 
-MODES = ("direct", "envoy-rr", "picker", "picker-gie", "picker-gie-echo", "picker-gie-lean", "oracle")
+DEFAULT_MODES = ("direct", "envoy-rr", "picker", "picker-gie", "picker-gie-echo", "picker-gie-lean")
+PICKER_REPLICAS = {"picker-x2": 2, "picker-x3": 3}  # active pickers of a mode; others have one
+MODES = (*DEFAULT_MODES, *PICKER_REPLICAS, "oracle")
 ENVOY_CONFIGS = {
     "envoy-rr": "rr",
     "picker": "picker",
     "picker-gie": "gie",
     "picker-gie-echo": "gie",
     "picker-gie-lean": "gie-lean",
+    "picker-x2": "picker",
+    "picker-x3": "picker",
 }
 PICKER_MODES = frozenset(ENVOY_CONFIGS) - {"envoy-rr"}
 PICKER_ARGS = {"picker-gie-echo": ("--response-processing=echo",)}  # on top of the run's own
@@ -82,7 +89,7 @@ class Stack:
     profiles: dict[str, str]  # ip:port -> simulator profile
     targets: list[str]  # base URLs the clients send to
     model: str
-    processes: dict[str, int]  # role -> pid, for CPU accounting
+    processes: dict[str, int]  # role -> pid, for CPU accounting (picker, picker-2, ...)
     envoy: Envoy | None = None  # the gateway of the modes that have one (its stats)
 
 
@@ -105,9 +112,12 @@ async def start_stack(
             pickers = []
             if mode in PICKER_MODES:
                 args = (*PICKER_ARGS.get(mode, ()), *picker_args)
-                picker = await stack.enter_async_context(start_picker(replicas, logs / "picker.log", args))
-                processes["picker"] = picker.pid
-                pickers.append(picker.address)
+                for n in range(1, PICKER_REPLICAS.get(mode, 1) + 1):
+                    role = "picker" if n == 1 else f"picker-{n}"
+                    started = start_picker(replicas, logs / f"{role}.log", args)
+                    picker = await stack.enter_async_context(started)
+                    processes[role] = picker.pid
+                    pickers.append(picker.address)
             envoy = await stack.enter_async_context(
                 Envoy.start(ENVOY_CONFIGS[mode], endpoints=replicas, picker=pickers, workdir=logs / "envoy")
             )

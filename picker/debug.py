@@ -60,6 +60,8 @@ def endpoints_view(
                     "waiting_loras": sorted(m.waiting_loras),
                 },
                 "token_seconds": ep.token_seconds or None,
+                # measured characters per prompt token; None while the prior stands in
+                "chars_per_token": ep.chars_per_token.value if ep.chars_per_token.calibrated else None,
                 "models": None if ep.models is None else dict(ep.models),
                 "inflight_requests": ep.inflight_requests,
                 "inflight_prompt_tokens": ep.inflight_tokens,

@@ -17,6 +17,9 @@ import orjson
 
 from picker.errors import Refusal
 
+# Characters a token-id prompt's id is rendered as (so its text hashes and counts like text), and
+# the reference EPP's character-to-token conversion of legacy config parameters. Routing decisions
+# use each endpoint's calibrated characters per token instead (picker.datalayer.calibration).
 CHARS_PER_TOKEN = 4
 
 
@@ -43,10 +46,6 @@ class InferenceRequest:
     @property
     def sheddable(self) -> bool:
         return self.priority < 0
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.prompt_chars // CHARS_PER_TOKEN
 
 
 def is_json_content_type(content_type: str) -> bool:

@@ -78,7 +78,7 @@ class RequestControl:
             return Refusal(503, "no ready inference endpoint")
         chosen = result.endpoints[0]
         now = time.monotonic()
-        held = chosen.hold(request.prompt_tokens, now)
+        held = chosen.hold(request.prompt_chars, now)
         self._learn(request, chosen)
         telemetry.PICK_LATENCY.observe(time.perf_counter() - started)
         if log.isEnabledFor(logging.DEBUG):
@@ -98,9 +98,9 @@ class RequestControl:
         served = self.pool.get(served_address)
         if served is None or served is decision.endpoint:
             return
-        decision.endpoint.release(decision.held, exchange_over=True)
+        decision.endpoint.reroute(decision.held)
         decision.endpoint = served
-        decision.held = served.hold(decision.held.tokens, decision.decided_at)
+        decision.held = served.hold(decision.held.chars, decision.decided_at)
         self._learn(decision.request, served)
 
     def release(self, decision: Decision, *, lived_as_exchange: bool) -> None:

@@ -7,6 +7,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from picker.datalayer.calibration import CharsPerToken
+
 # A scrape shows a request within about one interval; pending entries this old mean the scrapes
 # are failing (the endpoint is then routed on stale numbers at best), so they stop counting.
 MAX_PENDING_AGE = 5.0
@@ -28,6 +30,10 @@ class EngineMetrics:
     # vllm:inter_token_latency_seconds histogram totals (cumulative): how fast it decodes.
     itl_sum: float = 0.0
     itl_count: float = 0.0
+    # Cumulative counters for calibration (None: not exported): vllm:prompt_tokens_total and
+    # vllm:request_success_total over every finish reason.
+    prompt_tokens: float | None = None
+    requests_finished: float | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -36,6 +42,7 @@ class Pending:
 
     routed_at: float
     tokens: int
+    chars: int = 0  # the prompt's characters, which `tokens` was estimated from
     counted: bool = True  # False once a scrape shows it or its exchange is known to be over
 
 
@@ -84,6 +91,7 @@ class Endpoint:
     # None until the endpoint answered: then nothing can be concluded from it.
     models: dict[str, str | None] | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    chars_per_token: CharsPerToken = field(default_factory=CharsPerToken)
     load: float = field(init=False, default=0.0)
     load_tokens: int = field(init=False, default=0)
 
@@ -102,6 +110,7 @@ class Endpoint:
         """Take a fresh scrape, which counts every request routed before `visible_before`;
         fold the tokens generated since the last one into `token_seconds`."""
         self._forget_pending(visible_before)
+        self.chars_per_token.engine_counters(metrics.prompt_tokens, metrics.requests_finished)
         previous, self.metrics = self.metrics, metrics
         self.refresh_load()
         if previous is None or metrics.itl_count <= previous.itl_count:
@@ -110,12 +119,20 @@ class Endpoint:
         if recent > 0.0:
             self.token_seconds += weight * (recent - self.token_seconds) if self.token_seconds else recent
 
-    def hold(self, tokens: int, now: float) -> Pending:
-        """A request was routed here: it is in flight, and assumed until a scrape shows it."""
+    def tokens_of(self, chars: int) -> int:
+        """A prompt of `chars` characters in this endpoint's tokens (calibrated, see
+        `picker.datalayer.calibration`)."""
+        return round(chars / self.chars_per_token.value)
+
+    def hold(self, chars: int, now: float) -> Pending:
+        """A request with a prompt of `chars` characters was routed here: it is in flight, and
+        assumed until a scrape shows it."""
+        tokens = self.tokens_of(chars)
+        self.chars_per_token.routed_request(chars)
         self.inflight_requests += 1
         self.inflight_tokens += tokens
         self._forget_pending(now - MAX_PENDING_AGE)
-        entry = Pending(now, tokens)
+        entry = Pending(now, tokens, chars)
         self.pending.append(entry)
         self.pending_requests += 1
         self.pending_tokens += tokens
@@ -130,6 +147,11 @@ class Endpoint:
         if exchange_over:
             self._uncount(entry)
         self.refresh_load()
+
+    def reroute(self, entry: Pending) -> None:
+        """The gateway served `entry` elsewhere: it was never load here, nor traffic to calibrate on."""
+        self.release(entry, exchange_over=True)
+        self.chars_per_token.unrouted_request(entry.chars)
 
     def _uncount(self, entry: Pending) -> None:
         if entry.counted:

@@ -33,7 +33,7 @@ KV_TOLERANCE = 1e-6  # float error allowed outside [0, 1] before a KV fraction c
 # unrolled (`[^"\\]*(?:\\.[^"\\]*)*`): ~1.6x faster in CPython's engine than `(?:[^"\\]|\\.)*`.
 _SAMPLE_BODY = (
     rb"(vllm:(?:num_requests_(?:waiting|running)|(?:kv|gpu)_cache_usage_perc"
-    rb"|cache_config_info|lora_requests_info"
+    rb"|cache_config_info|lora_requests_info|prompt_tokens_total|request_success_total"
     rb"|(?:inter_token_latency|time_per_output_token)_seconds_(?:sum|count))"
     rb"|sglang:(?:num_(?:queue|running)_reqs|token_usage))"
     rb'(?:\{([^"}\n]*(?:"[^"\\\n]*(?:\\.[^"\\\n]*)*"[^"}\n]*)*)\})?'
@@ -51,6 +51,8 @@ _KV = (b"vllm:kv_cache_usage_perc", b"vllm:gpu_cache_usage_perc", b"sglang:token
 # Decode speed: the current histogram name, then its pre-0.10 name.
 _ITL_SUM = (b"vllm:inter_token_latency_seconds_sum", b"vllm:time_per_output_token_seconds_sum")
 _ITL_COUNT = (b"vllm:inter_token_latency_seconds_count", b"vllm:time_per_output_token_seconds_count")
+_PROMPT_TOKENS = (b"vllm:prompt_tokens_total",)
+_FINISHED = (b"vllm:request_success_total",)  # one series per finish reason: summed
 _CACHE_INFO = b"vllm:cache_config_info"
 _LORA_INFO = b"vllm:lora_requests_info"
 
@@ -92,6 +94,8 @@ def parse_metrics(page: bytes, max_bytes: int = MAX_PAGE_BYTES) -> EngineMetrics
         kv_usage=_kv_fraction(kv) if kv else 0.0,
         itl_sum=sum(_first(values, _ITL_SUM) or ()),
         itl_count=sum(_first(values, _ITL_COUNT) or ()),
+        prompt_tokens=_sum(values, _PROMPT_TOKENS),
+        requests_finished=_sum(values, _FINISHED),
     )
     if cache_infos:
         _apply_cache_info(metrics, cache_infos)
@@ -143,6 +147,12 @@ def _first(values: dict[bytes, list[float]], names: tuple[bytes, ...]) -> list[f
         if name in values:
             return values[name]
     return None
+
+
+def _sum(values: dict[bytes, list[float]], names: tuple[bytes, ...]) -> float | None:
+    """The sum over the first present name's series; None when none is on the page."""
+    found = _first(values, names)
+    return None if found is None else sum(found)
 
 
 def _kv_fraction(samples: list[float]) -> float:

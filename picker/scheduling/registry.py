@@ -29,6 +29,7 @@ from picker.config import (
 )
 from picker.datalayer.pool import EndpointPool
 from picker.scheduling.pickers import MaxScorePicker
+from picker.scheduling.placement import PrefixPlacementScorer
 from picker.scheduling.scorers import (
     InflightLoadScorer,
     KVCacheUtilizationScorer,
@@ -65,6 +66,7 @@ TYPES: dict[str, PluginType] = {
             InflightLoadScorer,
             LatencyScorer,
             SessionAffinityScorer,
+            PrefixPlacementScorer,
         )
     },
     MaxScorePicker.name: PluginType("picker", MaxScorePicker),

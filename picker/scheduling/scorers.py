@@ -18,6 +18,7 @@ from operator import attrgetter
 from typing import Any, ClassVar
 
 from picker.config import camel
+from picker.datalayer.calibration import PRIOR_CHARS_PER_TOKEN
 from picker.datalayer.endpoint import Endpoint
 from picker.datalayer.pool import EndpointPool
 from picker.request import CHARS_PER_TOKEN, InferenceRequest
@@ -244,12 +245,15 @@ class LoraAffinityScorer:
 class _PrefixCycle:
     """What the prefix scorer keeps in `request.cycle` between scoring and `on_pick`."""
 
-    block_size_tokens: int
+    block_chars: int
     hashes: list[int]
     matched: dict[Endpoint, int] = field(default_factory=dict)
 
 
 _RETUNE_INTERVAL = 1.0  # seconds between looks at the pool's reported block sizes
+# Re-cut the index's blocks only when the pool's calibrated characters per token moved this much:
+# every re-cut forgets the index.
+_RECUT_RATIO = 1.25
 _PREFIX_DEFAULT_BLOCK = 16  # PrefixCacheScorer.block_size_tokens (tokens per block)
 
 
@@ -262,8 +266,11 @@ class PrefixCacheScorer:
     endpoint whose load (`Endpoint.load`) exceeds the least-loaded candidate's by more than
     `max_load_gap + relative_load_gap * least` scores 0 for this request, so load decides.
     Parameters carry the reference scorer's names; with `auto_tune` the block size and each
-    endpoint's capacity follow what the engines report (`vllm:cache_config_info`). Scores are
-    filled in only for the few endpoints that match; none matching is no preference (None).
+    endpoint's capacity follow what the engines report (`vllm:cache_config_info`), and the
+    characters a block spans follow the characters per token each endpoint is calibrated to
+    (`picker.datalayer.calibration`): an endpoint holds num_gpu_blocks x block_size tokens, which
+    is that many times its characters per token of prompt text. Scores are filled in only for the
+    few endpoints that match; none matching is no preference (None).
     """
 
     name: ClassVar[str] = "prefix-cache-scorer"
@@ -280,6 +287,7 @@ class PrefixCacheScorer:
     _next_tune: float = field(init=False, default=-math.inf)
     _cycle_key: str = field(init=False, default="")
     _positions: _Positions = field(init=False, default_factory=_Positions)
+    _chars_per_token: float = field(init=False, default=PRIOR_CHARS_PER_TOKEN)  # what blocks are cut at
 
     def __post_init__(self) -> None:
         self._cycle_key = f"prefix-cache-scorer@{id(self)}"  # two instances may hash differently
@@ -344,23 +352,25 @@ class PrefixCacheScorer:
     def _cycle(self, request: InferenceRequest) -> _PrefixCycle:
         """The request's block hashes, computed once per request and block size."""
         state = request.cycle.get(self._cycle_key)
-        if state is None or state.block_size_tokens != self.block_size_tokens:
-            hashes = block_hashes(
-                request.prompt,
-                request.model,
-                self.block_size_tokens * CHARS_PER_TOKEN,
-                self.max_prefix_blocks_to_match,
-            )
-            state = request.cycle[self._cycle_key] = _PrefixCycle(self.block_size_tokens, hashes)
+        block_chars = self.block_chars
+        if state is None or state.block_chars != block_chars:
+            hashes = block_hashes(request.prompt, request.model, block_chars, self.max_prefix_blocks_to_match)
+            state = request.cycle[self._cycle_key] = _PrefixCycle(block_chars, hashes)
         return state
 
+    @property
+    def block_chars(self) -> int:
+        """Characters of prompt text in one block of the index."""
+        return max(1, round(self.block_size_tokens * self._chars_per_token))
+
     def _capacity(self, endpoint: Endpoint) -> int:
-        """The endpoint's KV capacity in our blocks (its blocks x its block size / ours)."""
+        """The endpoint's KV capacity in our blocks: its tokens (blocks x block size) as characters
+        at its own calibrated characters per token, over the characters of one of our blocks."""
         m = endpoint.metrics
         if not self.auto_tune or m is None or not m.num_gpu_blocks:
             return self.lru_capacity_per_server
-        engine_block = m.block_size or self.block_size_tokens
-        return max(1, m.num_gpu_blocks * engine_block // self.block_size_tokens)
+        chars = m.num_gpu_blocks * (m.block_size or self.block_size_tokens) * endpoint.chars_per_token.value
+        return max(1, round(chars / self.block_chars))
 
     def _retune(self) -> None:
         """Adopt the block size most endpoints report; old hashes no longer match, so clear."""
@@ -373,4 +383,11 @@ class PrefixCacheScorer:
             size = sizes.most_common(1)[0][0]
             if size != self.block_size_tokens:
                 self.block_size_tokens = size
+                self.index.clear()
+        endpoints = self.pool.endpoints
+        measured = sorted(ep.chars_per_token.value for ep in endpoints if ep.chars_per_token.calibrated)
+        if measured:
+            median = measured[len(measured) // 2]
+            if max(median, self._chars_per_token) / min(median, self._chars_per_token) >= _RECUT_RATIO:
+                self._chars_per_token = median
                 self.index.clear()

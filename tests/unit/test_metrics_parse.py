@@ -198,6 +198,17 @@ def test_realistic_vllm_page_two_engines() -> None:
     # Decode speed: the inter-token latency histogram's totals, summed over engines.
     assert metrics.itl_count == 2 * 3
     assert metrics.itl_sum == pytest.approx(2 * (0.02 + 3.0 + 700.0))
+    # Calibration counters, summed over engines (and finish reasons).
+    assert metrics.prompt_tokens == 2 * 12345
+    assert metrics.requests_finished == 2 * 3 * 7
+
+
+def test_prompt_token_lookalikes_do_not_count() -> None:
+    page = vllm_page(waiting=(0,), running=(0,), kv=(0.0,)) + (
+        b'vllm:prompt_tokens_by_source_total{engine="0",source="local_compute"} 999\n'
+        b'vllm:prompt_tokens_cached_total{engine="0"} 999\n'
+    )
+    assert parse_metrics(page).prompt_tokens == 12345
 
 
 def test_pre_010_time_per_output_token_histogram_is_the_decode_speed_fallback() -> None:
@@ -234,6 +245,7 @@ def test_sglang_page() -> None:
     assert (metrics.waiting, metrics.running) == (6, 17)
     assert metrics.kv_usage == pytest.approx(0.42)
     assert metrics.block_size is None
+    assert metrics.prompt_tokens is None and metrics.requests_finished is None
 
 
 def test_lookalike_names_timestamps_and_crlf() -> None:

@@ -23,10 +23,10 @@ def test_completion_prompt_list_of_strings_is_joined_in_order() -> None:
     assert parsed({"prompt": ["ab", "cd"]}).prompt == "abcd"
 
 
-def test_token_id_prompts_count_one_token_per_id() -> None:
+def test_token_id_prompts_count_one_token_width_per_id() -> None:
     request = parsed({"prompt": [1, 2, 3, 40000]})
-    assert request.prompt_tokens == 4
-    assert parsed({"prompt": [[1, 2], [3]]}).prompt_tokens == 3
+    assert request.prompt_chars == 4 * CHARS_PER_TOKEN
+    assert parsed({"prompt": [[1, 2], [3]]}).prompt_chars == 3 * CHARS_PER_TOKEN
 
 
 def test_chat_messages_with_strings_and_content_parts() -> None:
@@ -68,7 +68,7 @@ def test_embeddings_input_strings() -> None:
 def test_prefix_is_capped_but_length_counts_everything() -> None:
     request = parsed({"prompt": "z" * 10_000}, cap=64)
     assert request.prompt == "z" * 64
-    assert request.prompt_tokens == 10_000 // CHARS_PER_TOKEN
+    assert request.prompt_chars == 10_000
 
 
 @pytest.mark.parametrize(

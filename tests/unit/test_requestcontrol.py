@@ -85,7 +85,7 @@ def test_release_gives_back_what_the_decision_held() -> None:
 
 def test_a_routed_request_counts_as_load_until_a_scrape_that_began_after_it() -> None:
     endpoint = Endpoint("a:1", EngineMetrics(running=2, waiting=1))
-    held = endpoint.hold(100, now=10.0)
+    held = endpoint.hold(400, now=10.0)  # characters: 100 tokens at the prior
     endpoint.release(held, exchange_over=False)  # the stream ended with the request phase (lean)
     assert (endpoint.inflight_requests, endpoint.load, endpoint.load_tokens) == (0, 4.0, 100)
     endpoint.observe_metrics(EngineMetrics(running=3, waiting=1), visible_before=9.99)  # began too early
@@ -96,7 +96,7 @@ def test_a_routed_request_counts_as_load_until_a_scrape_that_began_after_it() ->
 
 def test_an_exchange_known_to_be_over_is_no_load_even_before_the_next_scrape() -> None:
     endpoint = Endpoint("a:1", EngineMetrics(running=2))
-    held = endpoint.hold(100, now=10.0)
+    held = endpoint.hold(400, now=10.0)  # characters: 100 tokens at the prior
     assert endpoint.load == 3.0
     endpoint.release(held, exchange_over=True)  # its stream lived as long as the exchange
     assert (endpoint.load, endpoint.load_tokens, endpoint.inflight_requests) == (2.0, 0, 0)
@@ -114,8 +114,8 @@ def test_open_streams_count_when_they_exceed_what_the_scrape_shows() -> None:
 
 def test_pending_load_is_forgotten_when_scrapes_stop_showing_it() -> None:
     endpoint = Endpoint("a:1", EngineMetrics())
-    endpoint.hold(10, now=0.0)
-    endpoint.hold(10, now=MAX_PENDING_AGE + 1.0)
+    endpoint.hold(40, now=0.0)
+    endpoint.hold(40, now=MAX_PENDING_AGE + 1.0)
     assert (len(endpoint.pending), endpoint.pending_requests, endpoint.pending_tokens) == (1, 1, 10)
 
 
