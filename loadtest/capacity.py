@@ -68,11 +68,12 @@ _RATES = (2, 4, 6, 8, 10, 12, 15, 18, 22, 26, 30, 35)
 PRESETS = {
     "well-lit": Preset("shared-prefix", _SMALL, _RATES, 1200.0),
     "cache-pressure": Preset("cache-pressure", _SMALL, _RATES, 1200.0),
-    # The trace's prompts reach ~120k tokens: the cache must hold one (8,192 blocks = 131k tokens).
+    # The trace's prompts reach ~120k tokens and a conversation comes back after many others: the
+    # cache holds ~19 average prompts per replica (16,384 blocks = 262k tokens).
     # A tenth of them are over 27k tokens: ~1.8 s of prefill alone at 0.5x, hence a 5 s SLO; a
     # faster clock would need rates at which the simulator's tokenizing takes a whole core.
     "trace": Preset(
-        "trace", PoolSpec(replicas=4, speed=0.5, num_gpu_blocks=8192), (1, 2, 3, 4, 5, 6, 8), 5000.0
+        "trace", PoolSpec(replicas=4, speed=0.5, num_gpu_blocks=16384), (1, 2, 3, 4, 5, 6, 8), 5000.0
     ),
     "uniform": Preset("uniform", _SMALL, (2, 4, 6, 8, 10, 12, 15), 1200.0),
 }
@@ -91,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--trace", type=Path, default=TRACE, help="the Mooncake trace (preset trace)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--picker-arg", action="append", default=[], help="extra `picker serve` argument")
     parser.add_argument(
         "--out", type=Path, help="output directory (default results/capacity-<preset>-<time>)"
     )
@@ -113,6 +115,7 @@ def plan_for(args: argparse.Namespace) -> RunPlan:
         warmup_stage=preset.warmup_seconds,
         slo_ttft_p90_ms=args.slo_ttft_p90 or preset.slo_ttft_p90_ms,
         seed=args.seed,
+        picker_args=tuple(args.picker_arg),
     )
 
 
