@@ -104,9 +104,10 @@ def test_the_cli_replays_the_selected_records(tmp_path: Path) -> None:
         )
 
 
-async def test_requests_arrive_at_the_scaled_trace_times(
-    fake_vllm: Callable[..., Awaitable[list[FakeVLLM]]], tmp_path: Path
-) -> None:
+async def recording_replica(
+    fake_vllm: Callable[..., Awaitable[list[FakeVLLM]]],
+) -> tuple[FakeVLLM, list[tuple[float, int]]]:
+    """A fake replica that notes when each request came and its max_tokens, and refuses it (429)."""
     arrivals: list[tuple[float, int]] = []
 
     async def record(request: web.Request) -> web.Response:
@@ -115,6 +116,13 @@ async def test_requests_arrive_at_the_scaled_trace_times(
         return web.json_response({"error": "no"}, status=429)
 
     (replica,) = await fake_vllm(1, completion=record)
+    return replica, arrivals
+
+
+async def test_requests_arrive_at_the_scaled_trace_times(
+    fake_vllm: Callable[..., Awaitable[list[FakeVLLM]]], tmp_path: Path
+) -> None:
+    replica, arrivals = await recording_replica(fake_vllm)
     workload = TraceReplay(str(write_trace(tmp_path / "t.jsonl")), time_scale=0.5)
     job = ClientJob(
         index=0, shares=[8], targets=[replica.url], model="m", workload=to_dict(workload), seed=0,
@@ -153,14 +161,7 @@ async def test_replay_through_the_simulator_hits_exactly_the_shared_blocks(tmp_p
 async def test_a_ladder_stage_rescales_the_trace_to_its_rate_and_goes_on_from_the_last_one(
     fake_vllm: Callable[..., Awaitable[list[FakeVLLM]]], tmp_path: Path
 ) -> None:
-    arrivals: list[tuple[float, int]] = []
-
-    async def record(request: web.Request) -> web.Response:
-        body = await request.json()
-        arrivals.append((time.monotonic(), body["max_tokens"]))
-        return web.json_response({"error": "no"}, status=429)
-
-    (replica,) = await fake_vllm(1, completion=record)
+    replica, arrivals = await recording_replica(fake_vllm)
     workload = TraceReplay(str(write_trace(tmp_path / "t.jsonl")))
     assert workload.mean_rate == pytest.approx(5 / 0.95)  # 6 arrivals over 950 ms
     rate = workload.mean_rate * 2  # twice as fast: every gap halved
