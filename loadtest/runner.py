@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 from rich.progress import Progress, TaskID
 
@@ -204,7 +205,7 @@ async def _window(
     after = await scrape_counters(stack.replicas)
     cpu = {role: seconds - cpu[role] for role, seconds in process_cpu(pids).items()}
     host_busy = HostCpu.now().busy_share_since(host)
-    messages = {k: v - messages[k] for k, v in (await _extproc_messages(stack)).items()}
+    messages = {k: v - messages.get(k, 0.0) for k, v in (await _extproc_messages(stack)).items()}
     progress.update(task, completed=progress.tasks[task].total or 0)
     results = [await asyncio.to_thread(ClientResult.load, job.window_path(number)) for job in jobs]
     deltas = counter_delta(counters, after)
@@ -225,7 +226,11 @@ async def _extproc_messages(stack: Stack) -> dict[str, float]:
     """Envoy's count of ext_proc messages so far, each way (none without a picker)."""
     if stack.envoy is None or "picker" not in stack.processes:
         return {}
-    stats = await stack.envoy.stats("ext_proc")
+    try:
+        stats = await stack.envoy.stats("ext_proc")
+    except httpx.HTTPError as exc:  # Envoy died: the requests' own results still count
+        print(f"warning: Envoy's stats unreadable ({exc!r}); see {stack.envoy.log_path}", file=sys.stderr)
+        return {}
     return {way: float(stats[_EXTPROC + f"stream_msgs_{way}"]) for way in ("sent", "received")}
 
 
