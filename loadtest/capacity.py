@@ -13,7 +13,11 @@ warm stack (see `loadtest.runner`), an unmeasured warm-up stage first, each stag
   question each, Poisson arrivals), groups sized so the prefixes fill 3/4 of the pool's cache;
 - `cache-pressure`: prequal's tiers (`CachePressure`), prefixes 2.5x the pool's cache;
 - `trace`: the Mooncake conversation trace; a stage's rate is the trace's mean arrival rate, its
-  gaps rescaled to reach it (bursts kept), each stage replaying the records after the last one's;
+  gaps rescaled to reach it (bursts kept), each stage replaying the records after the last one's.
+  A conversation's next turn comes 115-900 requests after its last (deciles over the first 2,000
+  records), so a 10 s stage shows no reuse at all: this preset measures the pool's capacity for
+  the trace's long prompts, not routing; replay a few hundred records in one run for routing
+  (`run --workload trace --trace-requests 600`, see the README);
 - `uniform`: random prompts that share nothing: routing cannot help, only cost.
 
 The report states the issue's targets for the preset (`loadtest.targets.LADDER_TARGETS`) over
