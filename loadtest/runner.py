@@ -149,17 +149,11 @@ async def measure_mode(
 ) -> Measurement:
     """One run of one mode on a freshly started stack."""
     logs = plan.out / "logs" / label.replace(" c=", "-c").replace(" #", "-")
-    scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loadtest-"))
-    try:
-        async with start_stack(mode, plan.pool, logs, plan.picker_args) as stack:
-            jobs = _jobs(plan, stack, concurrency, scratch)
-            async with _clients(jobs, logs) as clients:
-                total = plan.duration or plan.requests_at(concurrency) or 0
-                return await _window(
-                    stack, clients, jobs, 0, progress.add_task(label, total=total), progress, plan.duration
-                )
-    finally:
-        await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+    async with _running(plan, mode, logs, concurrency) as (stack, jobs, clients):
+        total = plan.duration or plan.requests_at(concurrency) or 0
+        return await _window(
+            stack, clients, jobs, 0, progress.add_task(label, total=total), progress, plan.duration
+        )
 
 
 async def run_ladder(plan: RunPlan, progress: Progress) -> AsyncIterator[tuple[float, str, ModeResult]]:
@@ -171,25 +165,34 @@ async def run_ladder(plan: RunPlan, progress: Progress) -> AsyncIterator[tuple[f
     warmups = len(stages) - len(plan.ladder)
     for mode in plan.modes:
         logs = plan.out / "logs" / mode
-        scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loadtest-"))
-        try:
-            async with start_stack(mode, plan.pool, logs, plan.picker_args) as stack:
-                jobs = _jobs(plan, stack, concurrency, scratch, stages)
-                async with _clients(jobs, logs) as clients:
-                    misses = 0
-                    for number, stage in enumerate(stages):
-                        label = f"{mode} {stage.rate:g}/s" + (" warm-up" if number < warmups else "")
-                        task = progress.add_task(label, total=stage.duration or stage.max_requests or 0)
-                        measured = await _window(stack, clients, jobs, number, task, progress, stage.duration)
-                        if number < warmups:
-                            continue
-                        result = summarize([measured])
-                        yield stage.rate, mode, result
-                        misses = 0 if meets_slo(result, plan.slo_ttft_p90_ms) else misses + 1
-                        if misses >= plan.max_misses:
-                            break
-        finally:
-            await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+        async with _running(plan, mode, logs, concurrency, stages) as (stack, jobs, clients):
+            misses = 0
+            for number, stage in enumerate(stages):
+                label = f"{mode} {stage.rate:g}/s" + (" warm-up" if number < warmups else "")
+                task = progress.add_task(label, total=stage.duration or stage.max_requests or 0)
+                measured = await _window(stack, clients, jobs, number, task, progress, stage.duration)
+                if number < warmups:
+                    continue
+                result = summarize([measured])
+                yield stage.rate, mode, result
+                misses = 0 if meets_slo(result, plan.slo_ttft_p90_ms) else misses + 1
+                if misses >= plan.max_misses:
+                    break
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    plan: RunPlan, mode: str, logs: Path, concurrency: int, stages: Sequence[Stage] = ()
+) -> AsyncIterator[tuple[Stack, list[ClientJob], list[_ClientProcess]]]:
+    """`mode`'s stack, freshly started, with its load clients warmed up and waiting for "go"."""
+    scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loadtest-"))
+    try:
+        async with start_stack(mode, plan.pool, logs, plan.picker_args) as stack:
+            jobs = _jobs(plan, stack, concurrency, scratch, stages)
+            async with _clients(jobs, logs) as clients:
+                yield stack, jobs, clients
+    finally:
+        await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
 
 
 async def _window(
