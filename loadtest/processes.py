@@ -51,6 +51,21 @@ def free_port() -> int:
             return port
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports free right now (for `--kv-events-port`, whose
+    replica i takes port + i)."""
+    while True:
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first + 1, first + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return first
+
+
 @functools.cache
 def _ephemeral_low() -> int:
     try:

@@ -12,6 +12,9 @@ Each mode gets freshly started replicas (cold KV caches), so no mode inherits an
 - `picker-x2`, `picker-x3`: like `picker`, with two or three active picker processes, all
   endpoints of Envoy's ext_proc cluster (round-robin over them, as a Deployment with N replicas
   behind a Service gets), each learning only from its own decisions;
+- `picker-precise` (and `-x2`, `-x3`): the replicas publish KV events and the picker's
+  `precise-prefix-cache-scorer` stands in for `prefix-cache-scorer` (`precise_config`), every
+  picker following every replica's events;
 - `oracle`: the clients route each request themselves with exact knowledge of every replica's
   cache and queue (`loadtest.oracle`): the upper bound routing can reach, no proxy.
 """
@@ -24,16 +27,23 @@ import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 
 from loadtest.envoy import Envoy
-from loadtest.processes import SimProcess, start_picker
+from loadtest.processes import SimProcess, free_ports, start_picker
+from picker.config import Config
+from picker.scheduling.registry import effective_document
 from vllm_sim import REPLICA_HEADER, get_profile
+from vllm_sim.tokenizer import DEFAULT_CHAT_TEMPLATE, DEFAULT_TOKENIZER
 
 DEFAULT_MODES = ("direct", "envoy-rr", "picker", "picker-gie", "picker-gie-echo", "picker-gie-lean")
-PICKER_REPLICAS = {"picker-x2": 2, "picker-x3": 3}  # active pickers of a mode; others have one
-MODES = (*DEFAULT_MODES, *PICKER_REPLICAS, "oracle")
+# active pickers of a mode; others have one
+PICKER_REPLICAS = {"picker-x2": 2, "picker-x3": 3, "picker-precise-x2": 2, "picker-precise-x3": 3}
+PRECISE_MODES = ("picker-precise", "picker-precise-x2", "picker-precise-x3")
+MODES = (*DEFAULT_MODES, "picker-x2", "picker-x3", *PRECISE_MODES, "oracle")
 ENVOY_CONFIGS = {
     "envoy-rr": "rr",
     "picker": "picker",
@@ -42,6 +52,7 @@ ENVOY_CONFIGS = {
     "picker-gie-lean": "gie-lean",
     "picker-x2": "picker",
     "picker-x3": "picker",
+    **dict.fromkeys(PRECISE_MODES, "picker"),
 }
 PICKER_MODES = frozenset(ENVOY_CONFIGS) - {"envoy-rr"}
 PICKER_ARGS = {"picker-gie-echo": ("--response-processing=echo",)}  # on top of the run's own
@@ -101,11 +112,20 @@ async def start_stack(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
+    sim_args = pool.sim_args()
+    kv_events = free_ports(pool.replicas) if mode in PRECISE_MODES else 0
+    if kv_events:
+        sim_args += ["--kv-events-port", str(kv_events)]
     async with contextlib.AsyncExitStack() as stack:
-        sim = await stack.enter_async_context(SimProcess(*pool.sim_args(), ready_timeout=READY_TIMEOUT))
+        sim = await stack.enter_async_context(SimProcess(*sim_args, ready_timeout=READY_TIMEOUT))
         assert sim.pid is not None
         replicas, processes = list(sim.addresses), {"simulator": sim.pid}
         model, names = await _identify(replicas)
+        if kv_events:
+            publishers = {address: f"tcp://127.0.0.1:{kv_events + i}" for i, address in enumerate(replicas)}
+            config = logs / "picker-precise.yaml"
+            config.write_bytes(orjson.dumps(precise_config(publishers)))  # JSON is YAML
+            picker_args = (f"--config-file={config}", *picker_args)
         targets = [f"http://{address}" for address in replicas]
         envoy = None
         if mode in ENVOY_CONFIGS:
@@ -125,6 +145,25 @@ async def start_stack(
             targets = [envoy.url]
         profiles = dict(zip(sim.addresses, sim.profiles, strict=True))
         yield Stack(mode, replicas, names, profiles, targets, model, processes, envoy)
+
+
+def precise_config(publishers: dict[str, str]) -> dict[str, Any]:
+    """picker's default configuration with `precise-prefix-cache-scorer` in place of
+    `prefix-cache-scorer` (same weight), reading the simulator's tokenizer and chat template."""
+    doc = effective_document(Config())
+    for plugin in doc["plugins"]:
+        if plugin["type"] == "prefix-cache-scorer":
+            plugin["type"] = "precise-prefix-cache-scorer"
+            plugin["parameters"] = {
+                "tokenizer": str(DEFAULT_TOKENIZER),
+                "chatTemplate": str(DEFAULT_CHAT_TEMPLATE),
+                "kvEventsEndpoints": publishers,
+            }
+    for profile in doc["schedulingProfiles"]:
+        for ref in profile["plugins"]:
+            if ref["pluginRef"] == "prefix-cache-scorer":
+                ref["pluginRef"] = "precise-prefix-cache-scorer"
+    return doc
 
 
 async def _identify(replicas: Sequence[str]) -> tuple[str, dict[str, str]]:

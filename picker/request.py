@@ -40,6 +40,9 @@ class InferenceRequest:
     prompt_chars: int = 0
     stream: bool = False
     body_bytes: int = 0
+    # The parsed body, for plugins that need the request as the engine reads it (the precise
+    # prefix scorer renders the chat template over the messages); None for a non-JSON body.
+    document: dict[str, Any] | None = None
     # Per-request scratch space for plugins (e.g. prefix hashes computed once per cycle).
     cycle: dict[str, Any] = field(default_factory=dict)
 
@@ -77,6 +80,7 @@ def apply_body(request: InferenceRequest, body: bytes, max_prefix_chars: int) ->
     if not isinstance(model, str):
         raise Refusal(400, "'model' must be a string")
     request.model = model
+    request.document = doc
     request.stream = doc.get("stream") is True
     parts = _PromptBuilder(max_prefix_chars)
     if "messages" in doc:

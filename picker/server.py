@@ -127,6 +127,10 @@ class PickerServer:
         self._services = [
             asyncio.create_task(opts.source.run(self.pool.set_addresses), name="discovery"),
             asyncio.create_task(self.scraper.run(), name="scraper"),
+            *(
+                asyncio.create_task(service.run(), name=type(service).__name__)
+                for service in self.scheduler.services
+            ),
         ]
         self._tasks = [*self._services, asyncio.create_task(self._become_ready(), name="readiness")]
         log.info(

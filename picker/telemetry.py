@@ -77,8 +77,26 @@ STREAMS_OPEN = Gauge(
 )
 
 
+KV_EVENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+KV_EVENTS = Counter(
+    "picker_kv_events_total",
+    "KV-cache events applied to the precise prefix index, by endpoint and type.",
+    ["endpoint", "type"],
+    registry=REGISTRY,
+)
+KV_EVENT_GAPS = Counter(
+    "picker_kv_event_gaps_total",
+    "Breaks in an endpoint's KV-event sequence (batches lost): its index entries were dropped.",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+
+
 def forget_endpoint(address: str) -> None:
     """Drop an endpoint's series when it leaves the pool, so label sets stay bounded."""
-    for family in (INFLIGHT_REQUESTS, INFLIGHT_TOKENS, SCRAPE_AGE, ENDPOINT_ROUTABLE):
+    for family in (INFLIGHT_REQUESTS, INFLIGHT_TOKENS, SCRAPE_AGE, ENDPOINT_ROUTABLE, KV_EVENT_GAPS):
         with contextlib.suppress(KeyError):
             family.remove(address)
+    for kind in KV_EVENT_TYPES:
+        with contextlib.suppress(KeyError):
+            KV_EVENTS.remove(address, kind)

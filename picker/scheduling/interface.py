@@ -54,3 +54,10 @@ class PickObserver(Protocol):
     if the gateway served it on a fallback), e.g. so the prefix index learns what is where."""
 
     def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None: ...
+
+
+class Service(Protocol):
+    """A plugin with work of its own beside decisions (following the engines' KV events): the
+    server runs `run()` for as long as it serves."""
+
+    async def run(self) -> None: ...

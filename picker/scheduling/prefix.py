@@ -1,9 +1,11 @@
-"""Approximate prefix-cache index: which replica was last sent which prompt blocks.
+"""Prefix-cache indexes: which replica holds which prompt blocks.
 
-The picker cannot see a replica's KV cache, so it remembers its own decisions: a request's prompt
-is cut into fixed-size blocks, each named by a hash chained over everything before it (equal hash
-= equal prefix), and every pick records the blocks for the chosen endpoint. One LRU per endpoint,
-sized like that replica's KV cache, forgets what the replica would have evicted by now.
+A prompt is cut into fixed-size blocks, each named by a hash chained over everything before it
+(equal hash = equal prefix). The approximate index (`PrefixIndex`) cannot see a replica's KV cache,
+so it remembers the picker's own decisions: every pick records the request's blocks for the chosen
+endpoint, and one LRU per endpoint, sized like that replica's KV cache, forgets what the replica
+would have evicted by now. The precise index (`KVBlockIndex`) holds what the engines themselves
+report storing and evicting (their KV events), keyed by the engines' own block hashes.
 """
 
 from __future__ import annotations
@@ -35,20 +37,20 @@ def block_hashes(prompt: str, model: str, block_bytes: int, max_blocks: int) -> 
     return [h := _xxh64(data[i : i + block_bytes], h) for i in range(0, end, block_bytes)]
 
 
-class PrefixIndex:
-    """Block hash -> endpoints that were given it, plus one LRU of block hashes per endpoint.
+class BlockOwners:
+    """Block hash -> the endpoints holding it, as a bitmask over small per-endpoint slots.
 
-    Owners are a bitmask over small per-endpoint slots, not a set per block: the walk in `match`
-    is integer arithmetic, and the index holds no per-block objects for the garbage collector to
-    scan (a set per block made full collections take ~100 ms once the index was warm).
+    Not a set per block: walking a prompt's blocks is integer arithmetic, and the index holds no
+    per-block objects for the garbage collector to scan (a set per block made full collections take
+    ~100 ms once the index was warm). Shared by the approximate index (what the picker sent where)
+    and the precise one (what the engines report holding).
     """
 
-    __slots__ = ("_endpoints", "_free", "_lru", "_owners", "_slots")
+    __slots__ = ("_endpoints", "_free", "_owners", "_slots")
 
     def __init__(self) -> None:
         # block hash -> bitmask of endpoint slots, sharded by the hash's low bits
         self._owners: list[dict[int, int]] = [{} for _ in range(_SHARDS)]
-        self._lru: dict[Endpoint, OrderedDict[int, None]] = {}
         self._slots: dict[Endpoint, int] = {}
         self._endpoints: list[Endpoint] = []  # by slot; a freed slot's entry is stale until reused
         self._free: list[int] = []
@@ -56,6 +58,68 @@ class PrefixIndex:
     def __len__(self) -> int:
         """Distinct blocks known for any endpoint."""
         return sum(map(len, self._owners))
+
+    def clear(self) -> None:
+        for shard in self._owners:
+            shard.clear()
+        self._slots.clear()
+        self._endpoints.clear()
+        self._free.clear()
+
+    def _mask(self, h: int) -> int:
+        """Slots of the endpoints holding block `h`."""
+        return self._owners[h & _SHARD_MASK].get(h, 0)
+
+    def _settle(self, matched: dict[Endpoint, int], bits: int, depth: int) -> None:
+        """Record `depth` for every endpoint whose slot bit is set in `bits`."""
+        endpoints = self._endpoints
+        while bits:
+            low = bits & -bits
+            matched[endpoints[low.bit_length() - 1]] = depth
+            bits ^= low
+
+    def _slot(self, endpoint: Endpoint) -> int:
+        slot = self._slots.get(endpoint)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+                self._endpoints[slot] = endpoint
+            else:
+                slot = len(self._endpoints)
+                self._endpoints.append(endpoint)
+            self._slots[endpoint] = slot
+        return slot
+
+    def _release(self, endpoint: Endpoint) -> int | None:
+        """Free `endpoint`'s slot; its bit (for the caller to clear from its blocks), or None."""
+        slot = self._slots.pop(endpoint, None)
+        if slot is None:
+            return None
+        self._free.append(slot)
+        return 1 << slot
+
+    def _own(self, h: int, bit: int) -> None:
+        owners = self._owners[h & _SHARD_MASK]
+        owners[h] = owners.get(h, 0) | bit
+
+    def _unown(self, h: int, bit: int) -> None:
+        owners = self._owners[h & _SHARD_MASK]
+        mask = owners[h] & ~bit
+        if mask:
+            owners[h] = mask
+        else:
+            del owners[h]
+
+
+class PrefixIndex(BlockOwners):
+    """What the picker gave each endpoint: the blocks' owners plus one LRU of block hashes per
+    endpoint, sized like that endpoint's KV cache."""
+
+    __slots__ = ("_lru",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lru: dict[Endpoint, OrderedDict[int, None]] = {}
 
     def entries(self) -> int:
         """Blocks recorded over all endpoints (a block two endpoints hold counts twice)."""
@@ -130,50 +194,127 @@ class PrefixIndex:
 
     def drop_endpoint(self, endpoint: Endpoint) -> None:
         """Forget everything recorded for `endpoint` (it left the pool)."""
-        slot = self._slots.pop(endpoint, None)
-        if slot is None:
-            return
-        bit = 1 << slot
-        for h in self._lru.pop(endpoint, ()):
-            self._unown(h, bit)
-        self._free.append(slot)
+        bit = self._release(endpoint)
+        if bit is not None:
+            for h in self._lru.pop(endpoint, ()):
+                self._unown(h, bit)
 
     def clear(self) -> None:
-        for shard in self._owners:
-            shard.clear()
+        super().clear()
         self._lru.clear()
-        self._slots.clear()
-        self._endpoints.clear()
-        self._free.clear()
 
-    def _mask(self, h: int) -> int:
-        """Slots of the endpoints holding block `h`."""
-        return self._owners[h & _SHARD_MASK].get(h, 0)
 
-    def _settle(self, matched: dict[Endpoint, int], bits: int, depth: int) -> None:
-        """Record `depth` for every endpoint whose slot bit is set in `bits`."""
-        endpoints = self._endpoints
-        while bits:
-            low = bits & -bits
-            matched[endpoints[low.bit_length() - 1]] = depth
-            bits ^= low
+class KVBlockIndex(BlockOwners):
+    """What each engine reports holding, from its KV events: exact where `PrefixIndex` guesses.
 
-    def _slot(self, endpoint: Endpoint) -> int:
-        slot = self._slots.get(endpoint)
-        if slot is None:
-            if self._free:
-                slot = self._free.pop()
-                self._endpoints[slot] = endpoint
-            else:
-                slot = len(self._endpoints)
-                self._endpoints.append(endpoint)
-            self._slots[endpoint] = slot
-        return slot
+    Engines evict in their own order (vLLM frees a request's blocks tail first, but nothing
+    promises a leading run survives), so `match` walks the blocks in order rather than binary
+    searching as `PrefixIndex.match` may.
 
-    def _unown(self, h: int, bit: int) -> None:
-        owners = self._owners[h & _SHARD_MASK]
-        mask = owners[h] & ~bit
-        if mask:
-            owners[h] = mask
+    An engine reports blocks once it has computed them, a prefill's time after the request was
+    routed: `expect` holds a routed request's blocks as the endpoint's until then (until a
+    deadline), so the requests right behind it that share its prefix follow it instead of
+    spreading while its prefill runs. An event about a block settles it either way.
+    """
+
+    __slots__ = ("_expected", "_held")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: dict[Endpoint, set[int]] = {}
+        # blocks held on expectation only -> their deadline, oldest first (deadlines only grow)
+        self._expected: dict[Endpoint, OrderedDict[int, float]] = {}
+
+    def held(self, endpoint: Endpoint) -> int:
+        """Blocks `endpoint` reported holding."""
+        return len(self._held.get(endpoint, ()))
+
+    def stored(self, endpoint: Endpoint, hashes: Sequence[int]) -> None:
+        held = self._held.get(endpoint)
+        if held is None:
+            held = self._held[endpoint] = set()
+        bit = 1 << self._slot(endpoint)
+        expected = self._expected.get(endpoint)
+        for h in hashes:
+            if h not in held:
+                held.add(h)
+                self._own(h, bit)
+            elif expected:
+                expected.pop(h, None)
+
+    def expect(self, endpoint: Endpoint, hashes: Sequence[int], until: float) -> None:
+        """`endpoint` was sent these blocks: count them as its own until `until` unless it reports
+        them (or their removal) before."""
+        held = self._held.get(endpoint)
+        if held is None:
+            held = self._held[endpoint] = set()
+        expected = self._expected.get(endpoint)
+        if expected is None:
+            expected = self._expected[endpoint] = OrderedDict()
+        bit = 1 << self._slot(endpoint)
+        for h in hashes:
+            if h not in held:
+                held.add(h)
+                self._own(h, bit)
+                expected[h] = until
+            elif h in expected:
+                expected[h] = until
+                expected.move_to_end(h)
+
+    def expire(self, now: float) -> None:
+        """Drop expectations past their deadline that no event confirmed."""
+        for endpoint, expected in self._expected.items():
+            if expected and next(iter(expected.values())) <= now:
+                held, bit = self._held[endpoint], 1 << self._slot(endpoint)
+                while expected and next(iter(expected.values())) <= now:
+                    h = expected.popitem(last=False)[0]
+                    held.discard(h)
+                    self._unown(h, bit)
+
+    def removed(self, endpoint: Endpoint, hashes: Sequence[int]) -> None:
+        held = self._held.get(endpoint)
+        if not held:
+            return
+        bit = 1 << self._slot(endpoint)
+        expected = self._expected.get(endpoint)
+        for h in hashes:
+            if h in held:
+                held.discard(h)
+                self._unown(h, bit)
+                if expected:
+                    expected.pop(h, None)
+
+    def cleared(self, endpoint: Endpoint) -> None:
+        """The engine dropped its whole cache (vLLM's AllBlocksCleared, or a lost event stream)."""
+        self._expected.pop(endpoint, None)
+        held = self._held.pop(endpoint, None)
+        if held:
+            bit = 1 << self._slot(endpoint)
+            for h in held:
+                self._unown(h, bit)
+
+    def drop_endpoint(self, endpoint: Endpoint) -> None:
+        """Forget `endpoint` (it left the pool)."""
+        self.cleared(endpoint)
+        self._release(endpoint)
+
+    def clear(self) -> None:
+        super().clear()
+        self._held.clear()
+        self._expected.clear()
+
+    def match(self, hashes: Sequence[int]) -> dict[Endpoint, int]:
+        """Length in blocks of each endpoint's cached prefix of `hashes` (if > 0)."""
+        matched: dict[Endpoint, int] = {}
+        mask = self._mask
+        alive = mask(hashes[0]) if hashes else 0
+        for depth, h in enumerate(hashes):
+            if not alive:
+                break
+            still = alive & mask(h)
+            if still != alive:
+                self._settle(matched, alive ^ still, depth)
+                alive = still
         else:
-            del owners[h]
+            self._settle(matched, alive, len(hashes))
+        return matched

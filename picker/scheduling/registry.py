@@ -30,6 +30,7 @@ from picker.config import (
 from picker.datalayer.pool import EndpointPool
 from picker.scheduling.pickers import MaxScorePicker
 from picker.scheduling.placement import PrefixPlacementScorer
+from picker.scheduling.precise_prefix import PrecisePrefixCacheScorer
 from picker.scheduling.scorers import (
     InflightLoadScorer,
     KVCacheUtilizationScorer,
@@ -67,6 +68,7 @@ TYPES: dict[str, PluginType] = {
             LatencyScorer,
             SessionAffinityScorer,
             PrefixPlacementScorer,
+            PrecisePrefixCacheScorer,
         )
     },
     MaxScorePicker.name: PluginType("picker", MaxScorePicker),

@@ -24,7 +24,7 @@ from picker.datalayer.endpoint import Endpoint
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
 from picker.scheduling.filters import HealthyFilter
-from picker.scheduling.interface import Filter, Picker, PickObserver, Scorer
+from picker.scheduling.interface import Filter, Picker, PickObserver, Scorer, Service
 from picker.scheduling.model_filter import ServedModelFilter
 from picker.scheduling.pickers import TIE_TOLERANCE
 from picker.scheduling.prefix import PrefixIndex
@@ -95,6 +95,9 @@ class Scheduler:
         self.picker: Picker = build_plugin(pipeline.picker, ctx)
         self.observers: list[PickObserver] = [
             plugin for plugin in (*self.scorers, self.picker) if callable(getattr(plugin, "on_pick", None))
+        ]
+        self.services: list[Service] = [
+            plugin for plugin in self.scorers if callable(getattr(plugin, "run", None))
         ]
         self.recent: deque[DecisionRecord] = deque(maxlen=DECISIONS_KEPT)
         self.requests_by_model: dict[str, int] = {}  # routed requests (reference_metrics exports)

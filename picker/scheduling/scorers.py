@@ -242,6 +242,45 @@ class LoraAffinityScorer:
 
 
 @dataclass(slots=True)
+class LoadGuard:
+    """Prefix scores from an index's matches, with the load guard both prefix scorers apply: an
+    affine endpoint whose load exceeds the least-loaded candidate's by more than
+    `max_load_gap + relative_load_gap * least` scores 0 for this request, so load decides and a hot
+    prefix does not pile onto one replica. Scores are filled in only for the few endpoints that
+    match; none matching is no preference (None)."""
+
+    max_load_gap: float = 8.0  # math.inf disables the guard
+    relative_load_gap: float = 0.25
+    _positions: _Positions = field(default_factory=_Positions)
+
+    def __post_init__(self) -> None:
+        if self.max_load_gap < 0 or self.relative_load_gap < 0:
+            raise ValueError("maxLoadGap and relativeLoadGap must not be negative")
+
+    def scores(
+        self, matched: dict[Endpoint, int], total: int, candidates: Sequence[Endpoint]
+    ) -> list[float] | None:
+        """Each candidate's matched share of `total` blocks (0 past the guard)."""
+        if not matched:
+            return None
+        limit = math.inf
+        if self.max_load_gap != math.inf:
+            least = min(map(_load, candidates))
+            limit = least + self.max_load_gap + self.relative_load_gap * least
+        positions = self._positions.of(candidates)
+        if positions is None:
+            get = matched.get
+            scores = [n / total if (n := get(ep, 0)) and ep.load <= limit else 0.0 for ep in candidates]
+        else:
+            scores = [0.0] * len(candidates)
+            for ep, n in matched.items():
+                at = positions.get(ep)
+                if at is not None and ep.load <= limit:
+                    scores[at] = n / total
+        return scores if any(scores) else None
+
+
+@dataclass(slots=True)
 class _PrefixCycle:
     """What the prefix scorer keeps in `request.cycle` between scoring and `on_pick`."""
 
@@ -262,15 +301,12 @@ class PrefixCacheScorer:
     """Share of the prompt's leading blocks the index says the endpoint was already given.
 
     Also the PickObserver that teaches the index: each decision records the request's blocks for
-    the chosen endpoint. A load guard keeps a hot prefix from piling onto one replica: an affine
-    endpoint whose load (`Endpoint.load`) exceeds the least-loaded candidate's by more than
-    `max_load_gap + relative_load_gap * least` scores 0 for this request, so load decides.
-    Parameters carry the reference scorer's names; with `auto_tune` the block size and each
+    the chosen endpoint. `LoadGuard` keeps a hot prefix from piling onto one replica. Parameters
+    carry the reference scorer's names; with `auto_tune` the block size and each
     endpoint's capacity follow what the engines report (`vllm:cache_config_info`), and the
     characters a block spans follow the characters per token each endpoint is calibrated to
     (`picker.datalayer.calibration`): an endpoint holds num_gpu_blocks x block_size tokens, which
-    is that many times its characters per token of prompt text. Scores are filled in only for the
-    few endpoints that match; none matching is no preference (None).
+    is that many times its characters per token of prompt text.
     """
 
     name: ClassVar[str] = "prefix-cache-scorer"
@@ -284,9 +320,9 @@ class PrefixCacheScorer:
     max_load_gap: float = 8.0  # math.inf (YAML .inf) disables the load guard
     relative_load_gap: float = 0.25
     index: PrefixIndex = field(init=False, default_factory=PrefixIndex)
+    guard: LoadGuard = field(init=False)
     _next_tune: float = field(init=False, default=-math.inf)
     _cycle_key: str = field(init=False, default="")
-    _positions: _Positions = field(init=False, default_factory=_Positions)
     _chars_per_token: float = field(init=False, default=PRIOR_CHARS_PER_TOKEN)  # what blocks are cut at
 
     def __post_init__(self) -> None:
@@ -294,8 +330,7 @@ class PrefixCacheScorer:
         for param in ("block_size_tokens", "max_prefix_blocks_to_match", "lru_capacity_per_server"):
             if getattr(self, param) < 1:
                 raise ValueError(f"{camel(param)} must be at least 1")
-        if self.max_load_gap < 0 or self.relative_load_gap < 0:
-            raise ValueError("maxLoadGap and relativeLoadGap must not be negative")
+        self.guard = LoadGuard(self.max_load_gap, self.relative_load_gap)
         self.pool.on_removed(self.index.drop_endpoint)
 
     @staticmethod
@@ -324,24 +359,7 @@ class PrefixCacheScorer:
             self._retune()
         state = self._cycle(request)
         matched = state.matched = self.index.match(state.hashes)
-        if not matched:
-            return None
-        limit = math.inf
-        if self.max_load_gap != math.inf:
-            least = min(map(_load, candidates))
-            limit = least + self.max_load_gap + self.relative_load_gap * least
-        total = len(state.hashes)
-        positions = self._positions.of(candidates)
-        if positions is None:
-            get = matched.get
-            scores = [n / total if (n := get(ep, 0)) and ep.load <= limit else 0.0 for ep in candidates]
-        else:
-            scores = [0.0] * len(candidates)
-            for ep, n in matched.items():
-                at = positions.get(ep)
-                if at is not None and ep.load <= limit:
-                    scores[at] = n / total
-        return scores if any(scores) else None
+        return self.guard.scores(matched, len(state.hashes), candidates)
 
     def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         state = self._cycle(request)

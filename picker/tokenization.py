@@ -1,0 +1,166 @@
+"""The engine's view of a prompt, for the precise prefix index: its token ids and their KV block
+hashes, computed the way the engine computes them.
+
+The engine renders chat messages through the model's chat template and tokenizes with the model's
+`tokenizer.json` (Hugging Face `tokenizers`, jinja2 in a sandbox: what `apply_chat_template`
+does), so picker loads the same two files. Only the prompt's leading blocks can match, so only the
+text they could span is rendered and tokenized: at most `max_tokens` tokens' worth of characters
+(`CHARS_PER_TOKEN_BOUND` each). The text between special tokens (a chat's system prompt, each
+message) is tokenized on its own and remembered, as `tokenizers` splits there itself: the shared
+system prompt of the next request costs a dictionary lookup, not a tokenizer run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import xxhash
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+# Characters one token spans at most in the text picker tokenizes; text beyond the blocks the
+# match can use is cut off (its last block dropped, as the cut may have split a token).
+CHARS_PER_TOKEN_BOUND = 8
+SEGMENTS_KEPT = 4096  # remembered texts between special tokens (LRU)
+MAX_SEGMENT_CHARS = 64 * 1024  # longer ones are tokenized every time, not remembered
+
+
+def block_hashes(ids: Sequence[int], block_size: int, salt: str = "") -> list[int]:
+    """The engine's hash of each full block: xxh3-64 of the block's ids (uint32) seeded with the
+    previous block's hash, the first seeded with 0 or the LoRA adapter's name hashed.
+
+    This is the simulator's scheme (vLLM keys blocks the same way, with SHA-256 of CBOR by default
+    and a seed from PYTHONHASHSEED): the scorer supports engines that hash like this.
+    """
+    parent = xxhash.xxh3_64_intdigest(salt.encode(), seed=0) if salt else 0
+    hashes = []
+    for start in range(0, len(ids) - block_size + 1, block_size):
+        parent = xxhash.xxh3_64_intdigest(array("I", ids[start : start + block_size]).tobytes(), seed=parent)
+        hashes.append(parent)
+    return hashes
+
+
+class PromptTokenizer:
+    """A model's tokenizer.json and chat template, applied as the engine applies them."""
+
+    def __init__(self, tokenizer: Path, chat_template: Path | None = None) -> None:
+        self.tokenizer = Tokenizer.from_file(str(tokenizer))
+        config = json.loads(self.tokenizer.to_str())
+        specials = {
+            token["content"]: token["id"]
+            for token in config.get("added_tokens", ())
+            if token["special"] and not (token["lstrip"] or token["rstrip"] or token["normalized"])
+        }
+        self._specials = specials
+        names = sorted(specials, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        probe = self.tokenizer.encode("x", add_special_tokens=False).ids
+        framed = self.tokenizer.encode("x", add_special_tokens=True).ids
+        at = next(i for i in range(len(framed)) if framed[i : i + len(probe)] == probe)
+        self._prefix = framed[:at]  # what add_special_tokens puts before the text (BOS)
+        self.bos_token = next((t for t in ("<|begin_of_text|>", "<s>") if t in specials), "")
+        self._segments: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self.template = None
+        if chat_template is not None:
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            environment.globals["raise_exception"] = _raise
+            self.template = environment.from_string(chat_template.read_text())
+
+    def prompt_ids(self, document: dict[str, Any], max_tokens: int) -> list[int] | None:
+        """The leading token ids (at most `max_tokens`, whole ones only) the engine will see for an
+        OpenAI completions or chat body; None when picker cannot tell (a chat without a template,
+        a template that fails, an input it does not model such as /v1/responses)."""
+        max_chars = max_tokens * CHARS_PER_TOKEN_BOUND
+        if "messages" in document:
+            messages = document["messages"]
+            if self.template is None or not isinstance(messages, list):
+                return None
+            text, cut = self._render(messages, document.get("add_generation_prompt") is not False, max_chars)
+            if text is None:
+                return None
+            special = document.get("add_special_tokens") is True
+        else:
+            prompt = document.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]  # one prompt in a batch of one
+            if isinstance(prompt, list) and all(type(t) is int for t in prompt[:max_tokens]):
+                return prompt[:max_tokens]
+            if not isinstance(prompt, str):
+                return None
+            text, cut = prompt[:max_chars], len(prompt) > max_chars
+            special = document.get("add_special_tokens") is not False
+        ids = self.encode(text, add_special_tokens=special)
+        if cut:  # the cut may have split the last token: keep only what the full text starts with
+            ids = ids[: max(0, len(ids) - 1)]
+        return ids[:max_tokens]
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids = list(self._prefix) if add_special_tokens else []
+        for part in self._split.split(text) if self._split else (text,):
+            special = self._specials.get(part)
+            if special is not None:
+                ids.append(special)
+            elif part:
+                ids += self._segment(part)
+        return ids
+
+    def _segment(self, text: str) -> tuple[int, ...]:
+        segments = self._segments
+        known = segments.get(text)
+        if known is not None:
+            segments.move_to_end(text)
+            return known
+        ids = tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        if len(text) <= MAX_SEGMENT_CHARS:
+            segments[text] = ids
+            if len(segments) > SEGMENTS_KEPT:
+                segments.popitem(last=False)
+        return ids
+
+    def _render(
+        self, messages: list[Any], generation_prompt: bool, max_chars: int
+    ) -> tuple[str | None, bool]:
+        """The template's text for the leading messages that fit in `max_chars` (the first one
+        over it included, the text cut there), and whether it was cut."""
+        kept, chars = [], 0
+        for message in messages:
+            if not isinstance(message, dict):
+                return None, False
+            content = _text(message.get("content"))
+            if content is None:
+                return None, False
+            kept.append({**message, "content": content})
+            chars += len(content)
+            if chars > max_chars:
+                break
+        cut = len(kept) < len(messages) or chars > max_chars
+        try:
+            text = self.template.render(  # type: ignore[union-attr]
+                messages=kept, bos_token=self.bos_token, add_generation_prompt=generation_prompt and not cut
+            )
+        except TemplateError:
+            return None, False
+        return (text[:max_chars] if cut else text), cut
+
+
+def _text(content: object) -> str | None:
+    """A message's content as the template sees it: text parts joined by newlines, as vLLM's
+    "string" content format does for text-only models."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = [part.get("text") for part in content if isinstance(part, dict)]
+        if all(isinstance(text, str) for text in texts) and len(texts) == len(content):
+            return "\n".join(texts)  # type: ignore[arg-type]
+    return None
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
