@@ -6,9 +6,11 @@ prefix / LoRA scorers, max-score picker, holding the load, the prefix index reco
 the decision kept for /debug/decisions). The index is warmed first with requests from groups
 sharing long system prompts, decisions are released a while later and each endpoint is "scraped"
 in turn (outside the timing), as in the server, so the in-flight scorer and the load guard see
-real numbers.
+real numbers. `--precise` swaps the prefix scorer for `precise-prefix-cache-scorer` (the
+simulator's tokenizer and chat template; no engine publishes, so its index holds what the picks
+expect): the cost of tokenizing each prompt as the engine will.
 
-    python -m loadtest bench-decision --out DIR    # writes DIR/bench_decision.json, prints a table
+    python -m loadtest bench-decision --out DIR [--precise]   # writes DIR/bench_decision.json
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from loadtest.stack import precise_config
 from picker.admission import Admission
 from picker.config import Config
 from picker.datalayer.endpoint import EngineMetrics
@@ -35,7 +38,6 @@ from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest, apply_body
 from picker.requestcontrol import Decision, RequestControl
 from picker.scheduling.scheduler import Scheduler
-from picker.scheduling.scorers import PrefixCacheScorer
 
 ENDPOINTS = (8, 64, 256)
 PROMPT_KB = (1, 16, 128)
@@ -95,9 +97,11 @@ def bodies(rng: random.Random, prompt_chars: int, groups: int) -> Iterator[bytes
         yield orjson.dumps(doc)
 
 
-def run_cell(endpoints: int, prompt_kb: int, warm: int, requests: int, seed: int) -> CellResult:
+def run_cell(
+    endpoints: int, prompt_kb: int, warm: int, requests: int, seed: int, precise: bool = False
+) -> CellResult:
     rng = random.Random(seed)
-    config = Config()
+    config = Config.from_document(precise_config({})) if precise else Config()
     pool = EndpointPool()
     pool.set_addresses(f"10.0.{i // 250}.{i % 250 + 1}:8000" for i in range(endpoints))
     for ep in pool.endpoints:
@@ -145,7 +149,7 @@ def run_cell(endpoints: int, prompt_kb: int, warm: int, requests: int, seed: int
             sched.append((t2 - t1) / 1000)
             cpu.append((c2 - c0) / 1000)
     gc_runs = sum(s["collections"] for s in gc.get_stats()) - gc_before
-    prefix = next(s for s in scheduler.scorers if isinstance(s, PrefixCacheScorer))
+    (index,) = scheduler.prefix_indexes().values()
     return CellResult(
         endpoints=endpoints,
         prompt_kb=prompt_kb,
@@ -159,7 +163,7 @@ def run_cell(endpoints: int, prompt_kb: int, warm: int, requests: int, seed: int
         cpu_p99_us=round(percentile(cpu, 99), 1),
         parse_p50_us=round(percentile(parse, 50), 1),
         schedule_p50_us=round(percentile(sched, 50), 1),
-        index_blocks=len(prefix.index),
+        index_blocks=len(index),
         gc_collections=gc_runs,
     )
 
@@ -176,6 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--endpoints", type=int, nargs="+", default=ENDPOINTS, help="pool sizes to run")
     parser.add_argument("--prompt-kb", type=int, nargs="+", default=PROMPT_KB, help="prompt sizes to run")
+    parser.add_argument("--precise", action="store_true", help="precise-prefix-cache-scorer instead")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -184,12 +189,14 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for endpoints in args.endpoints:
         for prompt_kb in args.prompt_kb:
-            cell = run_cell(endpoints, prompt_kb, args.warm, args.requests, args.seed)
+            cell = run_cell(endpoints, prompt_kb, args.warm, args.requests, args.seed, args.precise)
             results.append(cell)
             print(" ".join(f"{getattr(cell, key):>{len(title)}}" for key, title in TABLE), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "benchmark": "decision latency: apply_body + RequestControl.decide (default config), warm index",
+        "benchmark": "decision latency: apply_body + RequestControl.decide "
+        + ("(precise-prefix-cache-scorer)" if args.precise else "(default config)")
+        + ", warm index",
         "python": sys.version.split()[0],
         "machine": platform.machine(),
         "warm_requests": args.warm,

@@ -226,8 +226,12 @@ class KVBlockIndex(BlockOwners):
         self._expected: dict[Endpoint, OrderedDict[int, float]] = {}
 
     def held(self, endpoint: Endpoint) -> int:
-        """Blocks `endpoint` reported holding."""
+        """Blocks `endpoint` reported holding (or is expected to)."""
         return len(self._held.get(endpoint, ()))
+
+    def entries(self) -> int:
+        """Blocks held over all endpoints (a block two endpoints hold counts twice)."""
+        return sum(map(len, list(self._held.values())))
 
     def stored(self, endpoint: Endpoint, hashes: Sequence[int]) -> None:
         held = self._held.get(endpoint)

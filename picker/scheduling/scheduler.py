@@ -27,7 +27,8 @@ from picker.scheduling.filters import HealthyFilter
 from picker.scheduling.interface import Filter, Picker, PickObserver, Scorer, Service
 from picker.scheduling.model_filter import ServedModelFilter
 from picker.scheduling.pickers import TIE_TOLERANCE
-from picker.scheduling.prefix import PrefixIndex
+from picker.scheduling.precise_prefix import PrecisePrefixCacheScorer
+from picker.scheduling.prefix import KVBlockIndex, PrefixIndex
 from picker.scheduling.registry import Instance, PluginContext, build_plugin, resolve
 from picker.scheduling.scorers import PrefixCacheScorer
 from picker.telemetry import DECISIONS
@@ -161,12 +162,12 @@ class Scheduler:
         by_model[model] = by_model.get(model, 0) + 1
         return SchedulingResult(chosen, reason)
 
-    def prefix_indexes(self) -> dict[str, PrefixIndex]:
-        """Each prefix-cache scorer instance's index, by instance name."""
+    def prefix_indexes(self) -> dict[str, PrefixIndex | KVBlockIndex]:
+        """Each prefix-cache scorer instance's index (approximate or precise), by instance name."""
         return {
             name: scorer.index
             for name, scorer in zip(self.names, self.scorers, strict=True)
-            if isinstance(scorer, PrefixCacheScorer)
+            if isinstance(scorer, PrefixCacheScorer | PrecisePrefixCacheScorer)
         }
 
     @staticmethod
