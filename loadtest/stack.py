@@ -157,6 +157,7 @@ def precise_config(publishers: dict[str, str]) -> dict[str, Any]:
             plugin["parameters"] = {
                 "tokenizer": str(DEFAULT_TOKENIZER),
                 "chatTemplate": str(DEFAULT_CHAT_TEMPLATE),
+                "hashAlgorithm": "xxh3_64",  # the simulator's block hashes
                 "kvEventsEndpoints": publishers,
             }
     for profile in doc["schedulingProfiles"]:

@@ -1,5 +1,5 @@
 """The engine's view of a prompt, for the precise prefix index: its token ids and their KV block
-hashes, computed the way the engine computes them.
+hashes, computed the way the engine computes them (`BlockHasher`).
 
 The engine renders chat messages through the model's chat template and tokenizes with the model's
 `tokenizer.json` (Hugging Face `tokenizers`, jinja2 in a sandbox: what `apply_chat_template`
@@ -12,6 +12,7 @@ system prompt of the next request costs a dictionary lookup, not a tokenizer run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from array import array
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import xxhash
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -32,13 +34,49 @@ SEGMENTS_KEPT = 4096  # remembered texts between special tokens (LRU)
 MAX_SEGMENT_CHARS = 64 * 1024  # longer ones are tokenized every time, not remembered
 
 
-def block_hashes(ids: Sequence[int], block_size: int, salt: str = "") -> list[int]:
-    """The engine's hash of each full block: xxh3-64 of the block's ids (uint32) seeded with the
-    previous block's hash, the first seeded with 0 or the LoRA adapter's name hashed.
+HASH_ALGORITHMS = ("sha256_cbor", "xxh3_64")
+VLLM_DEFAULT_SEED = "vllm-none-hash"  # vLLM's NONE_HASH seed for SHA-256 without PYTHONHASHSEED
+_LOW_64 = (1 << 64) - 1
 
-    This is the simulator's scheme (vLLM keys blocks the same way, with SHA-256 of CBOR by default
-    and a seed from PYTHONHASHSEED): the scorer supports engines that hash like this.
+
+def external_hash(value: int | bytes) -> int:
+    """A block hash as vLLM's KV events publish it with int hashes: the digest's low 64 bits (events
+    carrying the digest bytes instead are read the same way)."""
+    return value if type(value) is int else int.from_bytes(value, "big") & _LOW_64  # type: ignore[arg-type]
+
+
+class BlockHasher:
+    """The engine's hash of each full block of a prompt, chained from the first.
+
+    `sha256_cbor`: vLLM's (`--prefix-caching-hash-algo sha256_cbor`, vllm/v1/core/kv_cache_utils.py):
+    block = SHA-256 of the canonical CBOR of (parent digest, the block's token ids, extra keys),
+    the first block's parent SHA-256 of the seed's CBOR (the engines' PYTHONHASHSEED, else vLLM's
+    fixed default), extra keys the LoRA adapter's name. `xxh3_64`: the simulator's (xxh3-64 of the
+    ids as uint32, seeded with the parent, the first with 0 or the adapter's name hashed).
     """
+
+    def __init__(self, algorithm: str, seed: str = "") -> None:
+        if algorithm not in HASH_ALGORITHMS:
+            raise ValueError(f"hashAlgorithm must be one of {HASH_ALGORITHMS}, not {algorithm!r}")
+        self.algorithm = algorithm
+        self._none = _sha256_cbor(seed or VLLM_DEFAULT_SEED)
+
+    def hashes(self, ids: Sequence[int], block_size: int, lora: str = "") -> list[int]:
+        if self.algorithm == "xxh3_64":
+            return _xxh3_chain(ids, block_size, lora)
+        extra = (lora,) if lora else None
+        parent, out = self._none, []
+        for start in range(0, len(ids) - block_size + 1, block_size):
+            parent = _sha256_cbor((parent, tuple(ids[start : start + block_size]), extra))
+            out.append(int.from_bytes(parent, "big") & _LOW_64)
+        return out
+
+
+def _sha256_cbor(value: object) -> bytes:
+    return hashlib.sha256(cbor2.dumps(value, canonical=True)).digest()
+
+
+def _xxh3_chain(ids: Sequence[int], block_size: int, salt: str) -> list[int]:
     parent = xxhash.xxh3_64_intdigest(salt.encode(), seed=0) if salt else 0
     hashes = []
     for start in range(0, len(ids) - block_size + 1, block_size):

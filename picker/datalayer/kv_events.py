@@ -28,6 +28,7 @@ import zmq.asyncio
 from picker.datalayer.endpoint import Endpoint
 from picker.datalayer.pool import EndpointPool
 from picker.telemetry import KV_EVENT_GAPS, KV_EVENTS
+from picker.tokenization import external_hash
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,9 @@ class KVEventSubscriber:
             if medium not in GPU_MEDIA:
                 continue
             if kind == "BlockStored":
-                index.stored(endpoint, hashes)
+                index.stored(endpoint, [external_hash(h) for h in hashes])
             elif kind == "BlockRemoved":
-                index.removed(endpoint, hashes)
+                index.removed(endpoint, [external_hash(h) for h in hashes])
             elif kind == "AllBlocksCleared":
                 index.cleared(endpoint)
             else:

@@ -27,7 +27,7 @@ from picker.scheduling.interface import ScorerCategory
 from picker.scheduling.prefix import KVBlockIndex
 from picker.scheduling.scorers import LoadGuard
 from picker.telemetry import PREFIX_MATCH_RATIO
-from picker.tokenization import PromptTokenizer, block_hashes
+from picker.tokenization import BlockHasher, PromptTokenizer
 
 
 @dataclass(slots=True)
@@ -35,9 +35,10 @@ class PrecisePrefixCacheScorer:
     """Share of the prompt's leading blocks each engine reported holding (or was just sent).
 
     `tokenizer` (a tokenizer.json) and `chat_template` (a jinja file; chat requests need it) are the
-    served model's. Each endpoint publishes on `tcp://<its host>:<kvEventsPort>` unless
-    `kvEventsEndpoints` maps its address to another publisher. A routed request's blocks count as
-    the chosen endpoint's for `expectSeconds` (0: off) or until the engine reports them.
+    served model's; `hash_algorithm` and `hash_seed` say how the engines name blocks. Each endpoint
+    publishes on `tcp://<its host>:<kvEventsPort>` unless `kvEventsEndpoints` maps its address to
+    another publisher. A routed request's blocks count as the chosen endpoint's for
+    `expectSeconds` (0: off) or until the engine reports them.
     """
 
     name: ClassVar[str] = "precise-prefix-cache-scorer"
@@ -47,6 +48,8 @@ class PrecisePrefixCacheScorer:
     tokenizer: str = ""
     chat_template: str = ""
     block_size_tokens: int = 16  # the engines' KV block size
+    hash_algorithm: str = "sha256_cbor"  # the engines' --prefix-caching-hash-algo, or xxh3_64 (simulator)
+    hash_seed: str = ""  # the engines' PYTHONHASHSEED, if set
     max_prefix_blocks_to_match: int = 256
     kv_events_port: int = 5557
     kv_events_endpoints: dict[str, str] = field(default_factory=dict)  # endpoint address -> publisher
@@ -58,6 +61,7 @@ class PrecisePrefixCacheScorer:
     subscriber: KVEventSubscriber = field(init=False)
     guard: LoadGuard = field(init=False)
     _prompts: PromptTokenizer = field(init=False)
+    _hasher: BlockHasher = field(init=False)
     _key: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
@@ -81,6 +85,7 @@ class PrecisePrefixCacheScorer:
             self._prompts = PromptTokenizer(paths[0], paths[1] if len(paths) > 1 else None)
         except Exception as exc:  # the tokenizers library or jinja2 rejecting the file
             raise ValueError(f"cannot load the tokenizer or chat template: {exc}") from None
+        self._hasher = BlockHasher(self.hash_algorithm, self.hash_seed)
         self.guard = LoadGuard(self.max_load_gap, self.relative_load_gap)
         self.subscriber = KVEventSubscriber(self.pool, self.index, self._publisher, self.kv_events_topic)
         self.pool.on_removed(self.index.drop_endpoint)
@@ -117,7 +122,8 @@ class PrecisePrefixCacheScorer:
                 block = self.block_size_tokens
                 ids = self._prompts.prompt_ids(request.document, block * self.max_prefix_blocks_to_match)
                 if ids:
-                    hashes = block_hashes(ids, block, request.model if self._adapter(request.model) else "")
+                    lora = request.model if self._adapter(request.model) else ""
+                    hashes = self._hasher.hashes(ids, block, lora)
             request.cycle[self._key] = hashes
         return hashes
 

@@ -58,7 +58,7 @@ async def test_the_index_follows_what_a_replica_caches_and_evicts_without_the_pi
     pool.set_addresses([address for address, _ in publishing])
     scorer = PrecisePrefixCacheScorer(
         pool, tokenizer=str(DEFAULT_TOKENIZER), chat_template=str(DEFAULT_CHAT_TEMPLATE),
-        kv_events_endpoints=dict(publishing), expect_seconds=0.0,
+        kv_events_endpoints=dict(publishing), expect_seconds=0.0, hash_algorithm="xxh3_64",
     )  # fmt: skip
     following = asyncio.create_task(scorer.run())
     rng = random.Random(5)

@@ -3,8 +3,10 @@ expectations for routed requests, and the scorer's configuration checks."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 
+import cbor2
 import msgpack
 import orjson
 import pytest
@@ -16,7 +18,7 @@ from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest, apply_body
 from picker.scheduling.precise_prefix import PrecisePrefixCacheScorer
 from picker.scheduling.prefix import KVBlockIndex
-from picker.tokenization import PromptTokenizer, block_hashes
+from picker.tokenization import BlockHasher, PromptTokenizer, external_hash
 from vllm_sim.tokenizer import DEFAULT_CHAT_TEMPLATE, DEFAULT_TOKENIZER, SimTokenizer
 from vllm_sim.tokens import TokenSequence
 
@@ -98,11 +100,32 @@ def test_both_of_vllms_encodings_apply_and_other_media_are_ignored(encoding: str
     assert index.held(A) == 0
 
 
-def test_block_hashes_are_the_engines(engine: SimTokenizer) -> None:
+def test_xxh3_block_hashes_are_the_simulators(engine: SimTokenizer) -> None:
     ids = engine.encode(sized_text(random.Random(1), 100))
-    assert block_hashes(ids, 16) == TokenSequence(ids, 16).hashes
-    assert block_hashes(ids, 16, "adapter") == TokenSequence(ids, 16, salt="adapter").hashes
-    assert block_hashes(ids, 16, "adapter") != block_hashes(ids, 16)
+    hasher = BlockHasher("xxh3_64")
+    assert hasher.hashes(ids, 16) == TokenSequence(ids, 16).hashes
+    assert hasher.hashes(ids, 16, "adapter") == TokenSequence(ids, 16, salt="adapter").hashes
+    assert hasher.hashes(ids, 16, "adapter") != hasher.hashes(ids, 16)
+
+
+def sha256_cbor(value: object) -> bytes:
+    return hashlib.sha256(cbor2.dumps(value, canonical=True)).digest()
+
+
+def test_sha256_cbor_block_hashes_chain_as_vllms() -> None:
+    """vLLM's hash_block_tokens: SHA-256 over CBOR of (parent digest, block ids, extra keys), the
+    first parent derived from the seed; KV events carry the digest's low 64 bits."""
+    ids = list(range(40))
+    none = sha256_cbor("vllm-none-hash")
+    first = sha256_cbor((none, tuple(range(16)), None))
+    second = sha256_cbor((first, tuple(range(16, 32)), None))
+    low = [int.from_bytes(d, "big") & (2**64 - 1) for d in (first, second)]
+    assert BlockHasher("sha256_cbor").hashes(ids, 16) == low  # 40 ids: two full blocks
+    assert external_hash(second) == low[1] and external_hash(low[1]) == low[1]
+    seeded = sha256_cbor((sha256_cbor("42"), tuple(range(16)), ("adapter",)))
+    assert BlockHasher("sha256_cbor", "42").hashes(ids, 16, "adapter")[0] == external_hash(seeded)
+    with pytest.raises(ValueError, match="hashAlgorithm"):
+        BlockHasher("md5")
 
 
 def test_chat_and_completion_prompts_tokenize_as_the_engine_does(
@@ -146,7 +169,8 @@ def test_inputs_it_cannot_model_give_no_tokens(prompts: PromptTokenizer) -> None
 def _scorer(**parameters: object) -> PrecisePrefixCacheScorer:
     pool = EndpointPool()
     pool.set_addresses([A.address, B.address])
-    files = {"tokenizer": str(DEFAULT_TOKENIZER), "chat_template": str(DEFAULT_CHAT_TEMPLATE)}
+    files = {"tokenizer": str(DEFAULT_TOKENIZER), "chat_template": str(DEFAULT_CHAT_TEMPLATE),
+             "hash_algorithm": "xxh3_64"}  # fmt: skip
     return PrecisePrefixCacheScorer(pool, lambda: 0.0, **(files | parameters))  # type: ignore[arg-type]
 
 
@@ -184,6 +208,7 @@ def test_scores_follow_the_engines_blocks_and_the_picks_expectations(engine: Sim
         ({"kv_events_endpoints": {"a": 1}}, "kvEventsEndpoints"),
         ({"expect_seconds": -1.0}, "expectSeconds"),
         ({"block_size_tokens": 0}, "blockSizeTokens"),
+        ({"hash_algorithm": "md5"}, "hashAlgorithm"),
     ],
 )
 def test_bad_parameters_are_refused_with_a_reason(parameters: dict[str, object], message: str) -> None:
