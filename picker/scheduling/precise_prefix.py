@@ -12,6 +12,7 @@ another gateway, a restart) is seen; so any number of pickers agree without exch
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from picker.scheduling.prefix import KVBlockIndex
 from picker.scheduling.scorers import LoadGuard
 from picker.telemetry import PREFIX_MATCH_RATIO
 from picker.tokenization import BlockHasher, PromptTokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -120,7 +123,11 @@ class PrecisePrefixCacheScorer:
             hashes = []
             if request.document is not None:
                 block = self.block_size_tokens
-                ids = self._prompts.prompt_ids(request.document, block * self.max_prefix_blocks_to_match)
+                try:
+                    ids = self._prompts.prompt_ids(request.document, block * self.max_prefix_blocks_to_match)
+                except Exception:  # what the template or tokenizer cannot take: no preference, no failure
+                    log.debug("precise prefix: prompt not tokenized", exc_info=True)
+                    ids = None
                 if ids:
                     lora = request.model if self._adapter(request.model) else ""
                     hashes = self._hasher.hashes(ids, block, lora)

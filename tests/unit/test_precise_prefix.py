@@ -200,6 +200,15 @@ def test_scores_follow_the_engines_blocks_and_the_picks_expectations(engine: Sim
     assert scorer.score(_chat(system, sized_text(rng, 30)), candidates)[0] == 0  # type: ignore[index]
 
 
+def test_a_prompt_the_template_rejects_gets_no_preference_not_an_error() -> None:
+    scorer = _scorer()
+    request = _chat("system", "question")
+    template = scorer._prompts.template
+    assert template is not None
+    scorer._prompts.template = template.environment.from_string("{{ messages[0] / 0 }}")  # a TypeError
+    assert scorer.score(request, scorer.pool.endpoints) is None
+
+
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
