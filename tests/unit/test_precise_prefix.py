@@ -153,6 +153,7 @@ def test_a_long_prompt_is_cut_to_a_prefix_of_its_tokens(
     rng = random.Random(3)
     text = sized_text(rng, 3000)
     full = engine.prompt_ids(prompt=text)
+    assert prompts._pieces is not None  # byte-level BPE: text is encoded (and remembered) in pieces
     cut = prompts.prompt_ids({"prompt": text}, 512)
     assert cut is not None and len(cut) == 512 and cut == full[:512]
     messages = [{"role": "system", "content": text}, {"role": "user", "content": "hi"}]
