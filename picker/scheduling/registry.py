@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Literal
 
 from picker.config import (
@@ -166,7 +166,7 @@ def effective_document(config: Config) -> dict[str, Any]:
     for entry, spec in zip(doc["plugins"], config.scheduling.plugins, strict=True):
         instance = _instance(spec)
         if instance is not None:
-            defaults = {name: f.default for name, f in _parameters(instance.cls).items()}
+            defaults = {name: _default(f) for name, f in _parameters(instance.cls).items()}
             values = defaults | dict(instance.parameters)
             if values:
                 entry["parameters"] = {camel(name): value for name, value in values.items()}
@@ -206,6 +206,13 @@ def _instance(spec: PluginSpec) -> Instance | None:
         snake(key): _typed(where, key, accepted[snake(key)].default, value) for key, value in raw.items()
     }
     return Instance(spec.ref, spec.type, cls, typed)
+
+
+def _default(parameter: Field[Any]) -> Any:
+    """A parameter's default value (made by its factory for a mutable one, e.g. a mapping)."""
+    if parameter.default_factory is not MISSING:
+        return parameter.default_factory()
+    return parameter.default
 
 
 def _parameters(cls: type) -> dict[str, Any]:

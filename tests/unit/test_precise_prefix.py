@@ -10,14 +10,18 @@ import cbor2
 import msgpack
 import orjson
 import pytest
+import yaml
 
+from loadtest.stack import precise_config
 from loadtest.text import sized_text
+from picker.config import Config
 from picker.datalayer.endpoint import Endpoint
 from picker.datalayer.kv_events import KVEventSubscriber
 from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest, apply_body
 from picker.scheduling.precise_prefix import PrecisePrefixCacheScorer
 from picker.scheduling.prefix import KVBlockIndex
+from picker.scheduling.registry import effective_document
 from picker.tokenization import BlockHasher, PromptTokenizer, external_hash
 from vllm_sim.tokenizer import DEFAULT_CHAT_TEMPLATE, DEFAULT_TOKENIZER, SimTokenizer
 from vllm_sim.tokens import TokenSequence
@@ -231,3 +235,17 @@ def test_publishers_default_to_each_endpoints_host_on_one_port() -> None:
     a, b = scorer.pool.endpoints
     assert scorer._publisher(a) == "tcp://127.0.0.1:7001"
     assert scorer._publisher(b) == "tcp://10.0.0.2:5600"
+
+
+def test_picker_config_prints_the_precise_scorer_with_every_parameter() -> None:
+    doc = effective_document(Config.from_document(precise_config({A.address: "tcp://127.0.0.1:7001"})))
+    (plugin,) = [p for p in doc["plugins"] if p["type"] == "precise-prefix-cache-scorer"]
+    assert plugin["parameters"]["kvEventsEndpoints"] == {A.address: "tcp://127.0.0.1:7001"}
+    assert plugin["parameters"]["expectSeconds"] == 2.0
+    bare = Config.from_document({
+        "apiVersion": doc["apiVersion"], "kind": doc["kind"],
+        "plugins": [{"type": "precise-prefix-cache-scorer", "parameters": {"tokenizer": "t.json"}}],
+    })  # fmt: skip
+    (default,) = effective_document(bare)["plugins"]
+    assert default["parameters"]["kvEventsEndpoints"] == {}  # a mapping's default, not a placeholder
+    assert yaml.safe_load(yaml.safe_dump(doc)) == doc
