@@ -23,6 +23,7 @@ import re
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,17 @@ class BlockHasher:
         self._none = _sha256_cbor(seed or VLLM_DEFAULT_SEED)
 
     def hashes(self, ids: Sequence[int], block_size: int, lora: str = "") -> list[int]:
+        """Each full block's hash as the engine's KV events name it (`external_hash`)."""
+        parent: int | bytes
         if self.algorithm == "xxh3_64":
-            return _xxh3_chain(ids, block_size, lora)
-        extra = (lora,) if lora else None
-        parent, out = self._none, []
+            parent = xxhash.xxh3_64_intdigest(lora.encode(), seed=0) if lora else 0
+            block = _xxh3_block
+        else:
+            parent, block = self._none, partial(_sha256_block, (lora,) if lora else None)
+        out = []
         for start in range(0, len(ids) - block_size + 1, block_size):
-            parent = _sha256_cbor((parent, tuple(ids[start : start + block_size]), extra))
-            out.append(int.from_bytes(parent, "big") & _LOW_64)
+            parent = block(parent, ids[start : start + block_size])
+            out.append(external_hash(parent))
         return out
 
 
@@ -83,13 +88,12 @@ def _sha256_cbor(value: object) -> bytes:
     return hashlib.sha256(cbor2.dumps(value, canonical=True)).digest()
 
 
-def _xxh3_chain(ids: Sequence[int], block_size: int, salt: str) -> list[int]:
-    parent = xxhash.xxh3_64_intdigest(salt.encode(), seed=0) if salt else 0
-    hashes = []
-    for start in range(0, len(ids) - block_size + 1, block_size):
-        parent = xxhash.xxh3_64_intdigest(array("I", ids[start : start + block_size]).tobytes(), seed=parent)
-        hashes.append(parent)
-    return hashes
+def _sha256_block(extra: tuple[str, ...] | None, parent: bytes, ids: Sequence[int]) -> bytes:
+    return _sha256_cbor((parent, tuple(ids), extra))
+
+
+def _xxh3_block(parent: int, ids: Sequence[int]) -> int:
+    return xxhash.xxh3_64_intdigest(array("I", ids).tobytes(), seed=parent)
 
 
 class PromptTokenizer:

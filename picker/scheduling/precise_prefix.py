@@ -65,7 +65,8 @@ class PrecisePrefixCacheScorer:
     guard: LoadGuard = field(init=False)
     _prompts: PromptTokenizer = field(init=False)
     _hasher: BlockHasher = field(init=False)
-    _key: str = field(init=False, default="")
+    _key: str = field(init=False, default="")  # request.cycle keys: the hashes, and their matches
+    _matched_key: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         if not self.tokenizer:
@@ -93,6 +94,7 @@ class PrecisePrefixCacheScorer:
         self.subscriber = KVEventSubscriber(self.pool, self.index, self._publisher, self.kv_events_topic)
         self.pool.on_removed(self.index.drop_endpoint)
         self._key = f"{self.name}@{id(self)}"
+        self._matched_key = self._key + "/matched"
 
     async def run(self) -> None:
         """Follow the engines' KV events for the picker's lifetime."""
@@ -104,14 +106,14 @@ class PrecisePrefixCacheScorer:
             return None
         if self.expect_seconds:
             self.index.expire(self.clock())
-        matched = request.cycle[self._key + "/matched"] = self.index.match(hashes)
+        matched = request.cycle[self._matched_key] = self.index.match(hashes)
         return self.guard.scores(matched, len(hashes), candidates)
 
     def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         hashes = self._hashes(request)
         if not hashes:
             return
-        matched = request.cycle.get(self._key + "/matched", {})
+        matched = request.cycle.get(self._matched_key, {})
         PREFIX_MATCH_RATIO.observe(matched.get(endpoint, 0) / len(hashes))
         if self.expect_seconds:
             self.index.expect(endpoint, hashes, self.clock() + self.expect_seconds)

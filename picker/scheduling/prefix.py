@@ -234,10 +234,7 @@ class KVBlockIndex(BlockOwners):
         return sum(map(len, list(self._held.values())))
 
     def stored(self, endpoint: Endpoint, hashes: Sequence[int]) -> None:
-        held = self._held.get(endpoint)
-        if held is None:
-            held = self._held[endpoint] = set()
-        bit = 1 << self._slot(endpoint)
+        held, bit = self._holding(endpoint)
         expected = self._expected.get(endpoint)
         for h in hashes:
             if h not in held:
@@ -249,13 +246,10 @@ class KVBlockIndex(BlockOwners):
     def expect(self, endpoint: Endpoint, hashes: Sequence[int], until: float) -> None:
         """`endpoint` was sent these blocks: count them as its own until `until` unless it reports
         them (or their removal) before."""
-        held = self._held.get(endpoint)
-        if held is None:
-            held = self._held[endpoint] = set()
+        held, bit = self._holding(endpoint)
         expected = self._expected.get(endpoint)
         if expected is None:
             expected = self._expected[endpoint] = OrderedDict()
-        bit = 1 << self._slot(endpoint)
         for h in hashes:
             if h not in held:
                 held.add(h)
@@ -306,6 +300,13 @@ class KVBlockIndex(BlockOwners):
         super().clear()
         self._held.clear()
         self._expected.clear()
+
+    def _holding(self, endpoint: Endpoint) -> tuple[set[int], int]:
+        """`endpoint`'s held blocks (created if new) and its slot bit."""
+        held = self._held.get(endpoint)
+        if held is None:
+            held = self._held[endpoint] = set()
+        return held, 1 << self._slot(endpoint)
 
     def match(self, hashes: Sequence[int]) -> dict[Endpoint, int]:
         """Length in blocks of each endpoint's cached prefix of `hashes` (if > 0)."""
