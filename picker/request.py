@@ -43,6 +43,9 @@ class InferenceRequest:
     # The parsed body, for plugins that need the request as the engine reads it (the precise
     # prefix scorer renders the chat template over the messages); None for a non-JSON body.
     document: dict[str, Any] | None = None
+    # Prompt tokens the chosen endpoint is expected to hold already (the prefix scorers' estimate,
+    # set as they learn the pick): the rest joins that endpoint's prefill queue.
+    cached_tokens: int = 0
     # Per-request scratch space for plugins (e.g. prefix hashes computed once per cycle).
     cycle: dict[str, Any] = field(default_factory=dict)
 

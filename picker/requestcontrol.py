@@ -3,8 +3,9 @@
 The protocol layer hands over an `InferenceRequest` read from the gateway's messages and gets
 back a `Decision` (where to send it) or a `Refusal` (what to answer instead). In between, here:
 the objective's priority, the candidates (the gateway's subset hint, applied once), admission
-(shedding), the scheduling cycle, holding the load on the chosen endpoint, and only then - once
-the decision stands - teaching the affinity plugins (prefix index, sessions) where it went. When
+(shedding), the scheduling cycle, and once the decision stands, teaching the affinity plugins
+(prefix index, sessions) where it went, then holding the load on the chosen endpoint (with the
+prompt tokens they expect it to hold). When
 the gateway reports that a fallback served the request, load and lessons move there too.
 """
 
@@ -78,8 +79,8 @@ class RequestControl:
             return Refusal(503, "no ready inference endpoint")
         chosen = result.endpoints[0]
         now = time.monotonic()
-        held = chosen.hold(request.prompt_chars, now)
         self._learn(request, chosen)
+        held = chosen.hold(request.prompt_chars, now, request.cached_tokens)
         telemetry.PICK_LATENCY.observe(time.perf_counter() - started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -100,8 +101,8 @@ class RequestControl:
             return
         decision.endpoint.reroute(decision.held)
         decision.endpoint = served
-        decision.held = served.hold(decision.held.chars, decision.decided_at)
         self._learn(decision.request, served)
+        decision.held = served.hold(decision.held.chars, decision.decided_at, decision.request.cached_tokens)
 
     def release(self, decision: Decision, *, lived_as_exchange: bool) -> None:
         """The decision's stream ended. `lived_as_exchange`: the stream lasted as long as the HTTP
@@ -123,5 +124,6 @@ class RequestControl:
         return [endpoint for endpoint in endpoints if endpoint.address in subset]
 
     def _learn(self, request: InferenceRequest, endpoint: Endpoint) -> None:
+        request.cached_tokens = 0  # the observers' estimate for `endpoint`
         for observer in self.scheduler.observers:
             observer.on_pick(request, endpoint)

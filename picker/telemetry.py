@@ -35,6 +35,12 @@ INFLIGHT_TOKENS = Gauge(
     ["endpoint"],
     registry=REGISTRY,
 )
+PREFILL_TOKENS = Gauge(
+    "picker_prefill_queue_tokens",
+    "Estimated uncached prompt tokens routed to the endpoint that await their first token.",
+    ["endpoint"],
+    registry=REGISTRY,
+)
 PREFIX_MATCH_RATIO = Histogram(
     "picker_prefix_match_ratio",
     "Share of a request's prompt blocks the prefix index expected the chosen endpoint to hold.",
@@ -94,7 +100,14 @@ KV_EVENT_GAPS = Counter(
 
 def forget_endpoint(address: str) -> None:
     """Drop an endpoint's series when it leaves the pool, so label sets stay bounded."""
-    for family in (INFLIGHT_REQUESTS, INFLIGHT_TOKENS, SCRAPE_AGE, ENDPOINT_ROUTABLE, KV_EVENT_GAPS):
+    for family in (
+        INFLIGHT_REQUESTS,
+        INFLIGHT_TOKENS,
+        PREFILL_TOKENS,
+        SCRAPE_AGE,
+        ENDPOINT_ROUTABLE,
+        KV_EVENT_GAPS,
+    ):
         with contextlib.suppress(KeyError):
             family.remove(address)
     for kind in KV_EVENT_TYPES:

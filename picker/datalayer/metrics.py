@@ -34,8 +34,9 @@ KV_TOLERANCE = 1e-6  # float error allowed outside [0, 1] before a KV fraction c
 _SAMPLE_BODY = (
     rb"(vllm:(?:num_requests_(?:waiting|running)|(?:kv|gpu)_cache_usage_perc"
     rb"|cache_config_info|lora_requests_info|prompt_tokens_total|request_success_total"
-    rb"|(?:inter_token_latency|time_per_output_token)_seconds_(?:sum|count))"
-    rb"|sglang:(?:num_(?:queue|running)_reqs|token_usage))"
+    rb"|(?:inter_token_latency|time_per_output_token)_seconds_(?:sum|count)"
+    rb"|time_to_first_token_seconds_count)"
+    rb"|sglang:(?:num_(?:queue|running)_reqs|token_usage|time_to_first_token_seconds_count))"
     rb'(?:\{([^"}\n]*(?:"[^"\\\n]*(?:\\.[^"\\\n]*)*"[^"}\n]*)*)\})?'
     rb"[ \t]+(\S+)"
 )
@@ -53,6 +54,8 @@ _ITL_SUM = (b"vllm:inter_token_latency_seconds_sum", b"vllm:time_per_output_toke
 _ITL_COUNT = (b"vllm:inter_token_latency_seconds_count", b"vllm:time_per_output_token_seconds_count")
 _PROMPT_TOKENS = (b"vllm:prompt_tokens_total",)
 _FINISHED = (b"vllm:request_success_total",)  # one series per finish reason: summed
+# Requests past their prefill (the prefill queue, `Endpoint.prefill_tokens`).
+_FIRST_TOKENS = (b"vllm:time_to_first_token_seconds_count", b"sglang:time_to_first_token_seconds_count")
 _CACHE_INFO = b"vllm:cache_config_info"
 _LORA_INFO = b"vllm:lora_requests_info"
 
@@ -96,6 +99,7 @@ def parse_metrics(page: bytes, max_bytes: int = MAX_PAGE_BYTES) -> EngineMetrics
         itl_count=sum(_first(values, _ITL_COUNT) or ()),
         prompt_tokens=_sum(values, _PROMPT_TOKENS),
         requests_finished=_sum(values, _FINISHED),
+        first_tokens=_sum(values, _FIRST_TOKENS),
     )
     if cache_infos:
         _apply_cache_info(metrics, cache_infos)

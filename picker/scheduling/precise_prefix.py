@@ -113,8 +113,9 @@ class PrecisePrefixCacheScorer:
         hashes = self._hashes(request)
         if not hashes:
             return
-        matched = request.cycle.get(self._matched_key, {})
-        PREFIX_MATCH_RATIO.observe(matched.get(endpoint, 0) / len(hashes))
+        held = request.cycle.get(self._matched_key, {}).get(endpoint, 0)
+        PREFIX_MATCH_RATIO.observe(held / len(hashes))
+        request.cached_tokens = max(request.cached_tokens, held * self.block_size_tokens)
         if self.expect_seconds:
             self.index.expect(endpoint, hashes, self.clock() + self.expect_seconds)
 

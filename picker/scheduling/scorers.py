@@ -28,6 +28,7 @@ from picker.telemetry import PREFIX_MATCH_RATIO
 
 _load = attrgetter("load")
 _load_tokens = attrgetter("load_tokens")
+_prefill_tokens = attrgetter("prefill_tokens")
 _address = attrgetter("address")
 
 
@@ -106,28 +107,32 @@ class KVCacheUtilizationScorer:
 
 @dataclass(slots=True)
 class InflightLoadScorer:
-    """Fewer requests (or prompt tokens) at the endpoint, counting what the picker just sent, is better.
+    """Less load at the endpoint, counting what the picker just sent, is better.
 
-    `Endpoint.load` moves with every decision (open streams, or requests assumed until a scrape
-    shows them), so a burst arriving between two scrapes is spread instead of landing entirely
-    on the endpoint that looked idle at the last scrape. Configure it twice (one per `measure`)
-    to weigh both.
+    `measure` is what counts: "requests" (`Endpoint.load`: open streams, or requests assumed until
+    a scrape shows them), "tokens" (prompt tokens in flight) or "prefill" (uncached prompt tokens
+    awaiting their first token, `Endpoint.prefill_tokens`: what a new request's time to first
+    token waits behind). All move with every decision, so a burst arriving between two scrapes
+    is spread instead of landing entirely on the endpoint that looked idle at the last scrape.
+    Configure it once per measure to weigh several.
     """
 
     name: ClassVar[str] = "inflight-load-scorer"
     category: ClassVar[ScorerCategory] = ScorerCategory.DISTRIBUTION
-    measure: str = "requests"  # "requests" or "tokens"
+    measure: str = "requests"  # "requests", "tokens" or "prefill"
     min_span: float = -1.0  # in units of `measure`; < 0: 4 requests or 4,096 tokens
+    _load: Callable[[Endpoint], float] = field(init=False, default=_load)
 
     def __post_init__(self) -> None:
-        if self.measure not in ("requests", "tokens"):
-            raise ValueError(f"measure must be 'requests' or 'tokens', not {self.measure!r}")
+        measures = {"requests": _load, "tokens": _load_tokens, "prefill": _prefill_tokens}
+        if self.measure not in measures:
+            raise ValueError(f"measure must be 'requests', 'tokens' or 'prefill', not {self.measure!r}")
+        self._load = measures[self.measure]
         if self.min_span < 0:
             self.min_span = 4.0 if self.measure == "requests" else 4096.0
 
     def score(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float] | None:
-        load = _load if self.measure == "requests" else _load_tokens
-        return least_is_best(list(map(load, candidates)), self.min_span)
+        return least_is_best(list(map(self._load, candidates)), self.min_span)
 
 
 @dataclass(slots=True)
@@ -364,7 +369,9 @@ class PrefixCacheScorer:
     def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         state = self._cycle(request)
         if state.hashes:
-            PREFIX_MATCH_RATIO.observe(state.matched.get(endpoint, 0) / len(state.hashes))
+            held = state.matched.get(endpoint, 0)
+            PREFIX_MATCH_RATIO.observe(held / len(state.hashes))
+            request.cached_tokens = max(request.cached_tokens, held * self.block_size_tokens)
             self.index.record(endpoint, state.hashes, self._capacity(endpoint))
 
     def _cycle(self, request: InferenceRequest) -> _PrefixCycle:

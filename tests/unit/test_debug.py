@@ -30,7 +30,8 @@ def scheduled(requests: int) -> tuple[EndpointPool, Scheduler]:
     sched = Scheduler.from_config(config, pool, clock=lambda: NOW, rng=random.Random(1))
     control = RequestControl(pool, sched, Admission(config.saturation, config.metrics, lambda: NOW), config)
     for i in range(requests):
-        assert isinstance(control.decide(InferenceRequest(model=f"m{i}", prompt="p" * 64)), Decision)
+        request = InferenceRequest(model=f"m{i}", prompt="p" * 64, prompt_chars=64)
+        assert isinstance(control.decide(request), Decision)
     return pool, sched
 
 
@@ -84,5 +85,6 @@ def test_endpoint_view_shows_state_and_prefix_blocks_per_instance() -> None:
     assert rows[a.address]["prefix_blocks"] == {"short-prefixes": 4}  # 64 characters, 16 per block
     assert rows[b.address]["prefix_blocks"] == {"short-prefixes": 0}
     assert rows[b.address]["inflight_prompt_tokens"] == 9000 and rows[a.address]["freshness"] == "fresh"
+    assert (rows[a.address]["prefill_tokens"], rows[b.address]["prefill_tokens"]) == (16, 0)
     stale = endpoints_view(pool, sched, stale_after=1.0, now=NOW + 2)["endpoints"]  # scraped 2 s ago
     assert [row["freshness"] for row in stale] == ["stale", "stale"]

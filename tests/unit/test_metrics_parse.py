@@ -201,6 +201,8 @@ def test_realistic_vllm_page_two_engines() -> None:
     # Calibration counters, summed over engines (and finish reasons).
     assert metrics.prompt_tokens == 2 * 12345
     assert metrics.requests_finished == 2 * 3 * 7
+    # Requests past their prefill (the TTFT histogram's count), for the prefill queue.
+    assert metrics.first_tokens == 2 * 3
 
 
 def test_prompt_token_lookalikes_do_not_count() -> None:
@@ -246,6 +248,7 @@ def test_sglang_page() -> None:
     assert metrics.kv_usage == pytest.approx(0.42)
     assert metrics.block_size is None
     assert metrics.prompt_tokens is None and metrics.requests_finished is None
+    assert metrics.first_tokens == 9
 
 
 def test_lookalike_names_timestamps_and_crlf() -> None:

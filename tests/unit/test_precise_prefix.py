@@ -197,8 +197,12 @@ def test_scores_follow_the_engines_blocks_and_the_picks_expectations(engine: Sim
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "x"}]
     hashes = TokenSequence(engine.prompt_ids(messages=messages), 16).hashes
     scorer.index.stored(b, hashes)  # B's engine reports the system prompt's blocks
-    scores = scorer.score(_chat(system, sized_text(rng, 30)), candidates)
+    second = _chat(system, sized_text(rng, 30))
+    scores = scorer.score(second, candidates)
     assert scores is not None and scores[0] == 0 and scores[1] > 0.5
+    held = scorer.index.match(scorer._hashes(second))[b]
+    scorer.on_pick(second, b)  # what B holds of it stays out of B's prefill queue
+    assert second.cached_tokens == 16 * held > 0
     scorer.on_pick(first, a)  # routed to A: its blocks count as A's until A reports or 2 s pass
     assert scorer.index.match(scorer._hashes(first))[a] == len(scorer._hashes(first))
     scorer.clock = lambda: 5.0

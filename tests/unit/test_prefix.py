@@ -279,6 +279,20 @@ def test_load_guard_counts_waiting_requests_and_can_be_disabled() -> None:
         a.refresh_load()
 
 
+def test_the_prompt_tokens_the_chosen_endpoint_holds_are_told_for_its_prefill_queue() -> None:
+    pool = make_pool(2)
+    a, b = pool.endpoints
+    sched = prefix_scheduler(pool)
+    hot = text(1, 8)  # 8 blocks of 16 tokens
+    route(sched, hot, only=a, hold=False)
+    for endpoint, held in ((a, 8 * 16), (b, 0)):
+        request = InferenceRequest(model="m", prompt=hot + "q" * 64)
+        assert sched.schedule(request, pool.endpoints) is not None
+        for observer in sched.observers:
+            observer.on_pick(request, endpoint)
+        assert request.cached_tokens == held
+
+
 def test_sparse_prefix_scores_equal_the_dense_ones() -> None:
     # The pool's snapshot (a tuple) gets scores filled in by position, a filtered list the dense
     # walk; with the load guard active both must agree, and say None when nothing matches.
