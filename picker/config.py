@@ -73,18 +73,20 @@ class SchedulingConfig:
     The default: the reference EPP's scorers, then picker's own, all in one profile.
     """
 
-    plugins: tuple[PluginSpec, ...] = tuple(
-        PluginSpec(type_)
-        for type_ in (
-            "queue-scorer",  # fewer waiting requests (vllm:num_requests_waiting)
-            "kv-cache-utilization-scorer",  # 1 - vllm:kv_cache_usage_perc
-            "prefix-cache-scorer",  # the replica likely to hold the prompt's KV blocks
-            "lora-affinity-scorer",  # the replica with the request's adapter loaded
-            "inflight-load-scorer",  # requests the picker itself has in flight
-            "latency-scorer",  # faster decoding, as each replica reports it
-            "max-score-picker",
-            "single-profile-handler",
-        )
+    plugins: tuple[PluginSpec, ...] = (
+        *(
+            PluginSpec(type_)
+            for type_ in (
+                "queue-scorer",  # fewer waiting requests (vllm:num_requests_waiting)
+                "kv-cache-utilization-scorer",  # 1 - vllm:kv_cache_usage_perc
+                "prefix-cache-scorer",  # the replica likely to hold the prompt's KV blocks
+                "lora-affinity-scorer",  # the replica with the request's adapter loaded
+                "inflight-load-scorer",  # requests the picker itself has in flight
+            )
+        ),
+        # uncached prompt tokens queued for prefill: what a new request's first token waits behind
+        PluginSpec("inflight-load-scorer", "prefill-queue", {"measure": "prefill"}),
+        *(PluginSpec(type_) for type_ in ("latency-scorer", "max-score-picker", "single-profile-handler")),
     )
     profiles: tuple[SchedulingProfile, ...] = (
         SchedulingProfile(
@@ -93,6 +95,7 @@ class SchedulingConfig:
                 PluginRef("queue-scorer", 2.0),
                 PluginRef("kv-cache-utilization-scorer", 2.0),
                 PluginRef("inflight-load-scorer", 1.0),
+                PluginRef("prefill-queue", 2.0),
                 PluginRef("latency-scorer", 2.0),
                 PluginRef("prefix-cache-scorer", 3.0),
                 PluginRef("lora-affinity-scorer", 1.0),
