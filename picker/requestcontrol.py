@@ -3,10 +3,10 @@
 The protocol layer hands over an `InferenceRequest` read from the gateway's messages and gets
 back a `Decision` (where to send it) or a `Refusal` (what to answer instead). In between, here:
 the objective's priority, the candidates (the gateway's subset hint, applied once), admission
-(shedding), the scheduling cycle, and once the decision stands, teaching the affinity plugins
-(prefix index, sessions) where it went, then holding the load on the chosen endpoint (with the
-prompt tokens they expect it to hold). When
-the gateway reports that a fallback served the request, load and lessons move there too.
+(shedding), the scheduling cycle, and only once the decision stands, teaching the affinity
+plugins (prefix index, sessions) where it went, then holding the load on the chosen endpoint
+(less the prompt tokens they expect it to hold, for its prefill queue). When the gateway reports
+that a fallback served the request, load and lessons move there too.
 """
 
 from __future__ import annotations

@@ -173,7 +173,8 @@ class Endpoint:
     def reroute(self, entry: Pending) -> None:
         """The gateway served `entry` elsewhere: it was never load here, nor traffic to calibrate on."""
         self.release(entry, exchange_over=True)
-        self.prefilling.remove(entry)  # it will not be among this engine's first tokens
+        if entry in self.prefilling:  # it will not be among this engine's first tokens
+            self.prefilling.remove(entry)
         self.chars_per_token.unrouted_request(entry.chars)
 
     def _uncount(self, entry: Pending) -> None:
@@ -187,8 +188,8 @@ class Endpoint:
         entry.prefill = 0
 
     def _first_tokens(self, count: float, routed_before: float) -> None:
-        """`count` more requests got their first token (fewer: the engine restarted, all did):
-        as many of the oldest entries routed before `routed_before` leave the prefill queue."""
+        """`count` more requests got their first token (a negative count: the engine restarted,
+        all did): as many of the oldest entries routed before `routed_before` leave the queue."""
         queue = self.prefilling
         if count < 0:
             count = len(queue)

@@ -159,6 +159,13 @@ def test_a_fallback_that_served_takes_the_prefill_off_the_first_choice() -> None
     rc.served_elsewhere(decision, other.address)
     assert (first.prefill_tokens, len(first.prefilling)) == (0, 0)
     assert other.prefill_tokens == 100
+    # A scrape may have taken it off the queue already (its first token counted) before the
+    # gateway told: moving it again must not fail.
+    other.observe_metrics(EngineMetrics(first_tokens=0.0), visible_before=time.monotonic())
+    other.observe_metrics(EngineMetrics(first_tokens=1.0), visible_before=time.monotonic())
+    assert other.prefill_tokens == 0
+    rc.served_elsewhere(decision, first.address)
+    assert (other.prefill_tokens, first.prefill_tokens) == (0, 100)
 
 
 @pytest.mark.parametrize("lived_as_exchange", [True, False])
