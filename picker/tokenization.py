@@ -22,7 +22,7 @@ import json
 import re
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,7 @@ PIECES_KEPT = 200_000  # remembered pieces; all forgotten at once beyond this
 _PIECE_BOUNDARY = re.compile(r"(?<=\S)(?= \S)")  # before a space between two non-spaces
 
 
-HASH_ALGORITHMS = ("sha256_cbor", "xxh3_64")
-VLLM_DEFAULT_SEED = "vllm-none-hash"  # vLLM's NONE_HASH seed for SHA-256 without PYTHONHASHSEED
+HASH_ALGORITHMS = ("sha256_cbor", "xxhash_cbor", "xxh3_64")
 _LOW_64 = (1 << 64) - 1
 
 
@@ -56,18 +55,27 @@ def external_hash(value: int | bytes) -> int:
 class BlockHasher:
     """The engine's hash of each full block of a prompt, chained from the first.
 
-    `sha256_cbor`: vLLM's (`--prefix-caching-hash-algo sha256_cbor`, vllm/v1/core/kv_cache_utils.py):
-    block = SHA-256 of the canonical CBOR of (parent digest, the block's token ids, extra keys),
-    the first block's parent SHA-256 of the seed's CBOR (the engines' PYTHONHASHSEED, else vLLM's
-    fixed default), extra keys the LoRA adapter's name. `xxh3_64`: the simulator's (xxh3-64 of the
-    ids as uint32, seeded with the parent, the first with 0 or the adapter's name hashed).
+    `sha256_cbor` and `xxhash_cbor`: vLLM's (`--prefix-caching-hash-algo`,
+    vllm/v1/core/kv_cache_utils.py): block = SHA-256 (or xxh3-128) of the canonical CBOR of (parent
+    digest, the block's token ids, extra keys), extra keys the LoRA adapter's name, and the first
+    block's parent the same hash of the seed. vLLM takes the seed from PYTHONHASHSEED and, when that
+    is unset, from random bytes per process, so no one else can name its blocks: `seed` must be the
+    engines' PYTHONHASHSEED. `xxh3_64`: the simulator's (xxh3-64 of the ids as uint32, seeded with
+    the parent, the first with 0 or the adapter's name hashed).
     """
 
     def __init__(self, algorithm: str, seed: str = "") -> None:
         if algorithm not in HASH_ALGORITHMS:
             raise ValueError(f"hashAlgorithm must be one of {HASH_ALGORITHMS}, not {algorithm!r}")
         self.algorithm = algorithm
-        self._none = _sha256_cbor(seed or VLLM_DEFAULT_SEED)
+        self._digest = _sha256_cbor if algorithm == "sha256_cbor" else _xxh3_128_cbor
+        if algorithm != "xxh3_64" and not seed:
+            raise ValueError(
+                f"hashSeed is required with hashAlgorithm {algorithm}: vLLM seeds each prefix's first "
+                "block from PYTHONHASHSEED (random bytes when it is unset), so set PYTHONHASHSEED on "
+                "every engine and hashSeed to the same value"
+            )
+        self._none = self._digest(seed)
 
     def hashes(self, ids: Sequence[int], block_size: int, lora: str = "") -> list[int]:
         """Each full block's hash as the engine's KV events name it (`external_hash`)."""
@@ -76,7 +84,7 @@ class BlockHasher:
             parent = xxhash.xxh3_64_intdigest(lora.encode(), seed=0) if lora else 0
             block = _xxh3_block
         else:
-            parent, block = self._none, partial(_sha256_block, (lora,) if lora else None)
+            parent, block = self._none, partial(_cbor_block, self._digest, (lora,) if lora else None)
         out = []
         for start in range(0, len(ids) - block_size + 1, block_size):
             parent = block(parent, ids[start : start + block_size])
@@ -88,8 +96,14 @@ def _sha256_cbor(value: object) -> bytes:
     return hashlib.sha256(cbor2.dumps(value, canonical=True)).digest()
 
 
-def _sha256_block(extra: tuple[str, ...] | None, parent: bytes, ids: Sequence[int]) -> bytes:
-    return _sha256_cbor((parent, tuple(ids), extra))
+def _xxh3_128_cbor(value: object) -> bytes:
+    return xxhash.xxh3_128_digest(cbor2.dumps(value, canonical=True))
+
+
+def _cbor_block(
+    digest: Callable[[object], bytes], extra: tuple[str, ...] | None, parent: bytes, ids: Sequence[int]
+) -> bytes:
+    return digest((parent, tuple(ids), extra))
 
 
 def _xxh3_block(parent: int, ids: Sequence[int]) -> int:

@@ -52,7 +52,7 @@ class PrecisePrefixCacheScorer:
     chat_template: str = ""
     block_size_tokens: int = 16  # the engines' KV block size
     hash_algorithm: str = "sha256_cbor"  # the engines' --prefix-caching-hash-algo, or xxh3_64 (simulator)
-    hash_seed: str = ""  # the engines' PYTHONHASHSEED, if set
+    hash_seed: str = ""  # the engines' PYTHONHASHSEED (required by vLLM's algorithms)
     max_prefix_blocks_to_match: int = 256
     kv_events_port: int = 5557
     kv_events_endpoints: dict[str, str] = field(default_factory=dict)  # endpoint address -> publisher

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 
 import cbor2
 import msgpack
 import orjson
 import pytest
+import xxhash
 import yaml
 
 from loadtest.stack import precise_config
@@ -116,18 +118,28 @@ def sha256_cbor(value: object) -> bytes:
     return hashlib.sha256(cbor2.dumps(value, canonical=True)).digest()
 
 
-def test_sha256_cbor_block_hashes_chain_as_vllms() -> None:
-    """vLLM's hash_block_tokens: SHA-256 over CBOR of (parent digest, block ids, extra keys), the
-    first parent derived from the seed; KV events carry the digest's low 64 bits."""
+def xxhash_cbor(value: object) -> bytes:
+    return xxhash.xxh3_128_digest(cbor2.dumps(value, canonical=True))
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "digest"), [("sha256_cbor", sha256_cbor), ("xxhash_cbor", xxhash_cbor)]
+)
+def test_cbor_block_hashes_chain_as_vllms(algorithm: str, digest: Callable[[object], bytes]) -> None:
+    """vLLM's hash_block_tokens: the hash of the CBOR of (parent digest, block ids, extra keys),
+    the first parent the hash of the PYTHONHASHSEED; KV events carry the digest's low 64 bits."""
     ids = list(range(40))
-    none = sha256_cbor("vllm-none-hash")
-    first = sha256_cbor((none, tuple(range(16)), None))
-    second = sha256_cbor((first, tuple(range(16, 32)), None))
+    none = digest("0")
+    first = digest((none, tuple(range(16)), None))
+    second = digest((first, tuple(range(16, 32)), None))
     low = [int.from_bytes(d, "big") & (2**64 - 1) for d in (first, second)]
-    assert BlockHasher("sha256_cbor").hashes(ids, 16) == low  # 40 ids: two full blocks
+    assert BlockHasher(algorithm, "0").hashes(ids, 16) == low  # 40 ids: two full blocks
     assert external_hash(second) == low[1] and external_hash(low[1]) == low[1]
-    seeded = sha256_cbor((sha256_cbor("42"), tuple(range(16)), ("adapter",)))
-    assert BlockHasher("sha256_cbor", "42").hashes(ids, 16, "adapter")[0] == external_hash(seeded)
+    seeded = digest((digest("42"), tuple(range(16)), ("adapter",)))
+    assert BlockHasher(algorithm, "42").hashes(ids, 16, "adapter")[0] == external_hash(seeded)
+    # Without PYTHONHASHSEED vLLM seeds from random bytes: nothing could match, so refuse.
+    with pytest.raises(ValueError, match="hashSeed is required"):
+        BlockHasher(algorithm)
     with pytest.raises(ValueError, match="hashAlgorithm"):
         BlockHasher("md5")
 
