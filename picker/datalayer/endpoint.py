@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from picker.datalayer.calibration import CharsPerToken
+from picker.datalayer.prefill import PrefillQueue
 
 # A scrape shows a request within about one interval; pending entries this old mean the scrapes
 # are failing (the endpoint is then routed on stale numbers at best), so they stop counting.
 MAX_PENDING_AGE = 5.0
-# A request still awaiting its first token after this long is assumed past its prefill: the
-# engine's first-token counter (or the exchange's end) was missed, e.g. another client's request
-# took its place in the count.
-MAX_PREFILL_AGE = 30.0
 
 
 @dataclass(slots=True)
@@ -51,6 +49,7 @@ class Pending:
     chars: int = 0  # the prompt's characters, which `tokens` was estimated from
     counted: bool = True  # False once a scrape shows it or its exchange is known to be over
     prefill: int = 0  # prompt tokens it is expected to compute; 0 once past its first token
+    ticket: float = math.inf  # the engine's first-token count that takes it past its prefill
 
 
 class Freshness(enum.Enum):
@@ -77,12 +76,8 @@ class Endpoint:
       streams end with the request phase (lean mode).
     `load` reconciles them with the scraped queue.
 
-    And the prefill queue: `prefill_tokens` sums the uncached prompt tokens of the routed requests
-    still awaiting their first token, the work a new request waits behind before its own (what
-    its time to first token depends on, where request counts treat a 100k-token prompt as a
-    1k-token one). Entries leave in routing order as the engine's first-token count
-    (`vllm:time_to_first_token_seconds_count`) grows, the order vLLM's FCFS scheduler prefills
-    them in, or when their exchange ends.
+    And `prefill`: the routed requests still awaiting their first token, with their uncached
+    prompt tokens (`prefill.tokens`: what a new request's first token waits behind).
 
     `load` and `load_tokens` are plain attributes, kept current by `refresh_load` whenever what
     they derive from changes (a scrape, a hold, a release), because every scorer reads them for
@@ -106,8 +101,7 @@ class Endpoint:
     models: dict[str, str | None] | None = None
     labels: dict[str, str] = field(default_factory=dict)
     chars_per_token: CharsPerToken = field(default_factory=CharsPerToken)
-    prefilling: deque[Pending] = field(default_factory=deque)  # routed, first token not counted yet
-    prefill_tokens: int = 0  # the sum of their `prefill`
+    prefill: PrefillQueue = field(default_factory=PrefillQueue)
     load: float = field(init=False, default=0.0)
     load_tokens: int = field(init=False, default=0)
 
@@ -128,8 +122,7 @@ class Endpoint:
         self._forget_pending(visible_before)
         self.chars_per_token.engine_counters(metrics.prompt_tokens, metrics.requests_finished)
         previous, self.metrics = self.metrics, metrics
-        if previous is not None and previous.first_tokens is not None and metrics.first_tokens is not None:
-            self._first_tokens(metrics.first_tokens - previous.first_tokens, visible_before)
+        self.prefill.first_tokens(metrics.first_tokens)
         self.refresh_load()
         if previous is None or metrics.itl_count <= previous.itl_count:
             return  # nothing decoded since (or the engine restarted and its counters reset)
@@ -151,12 +144,11 @@ class Endpoint:
         self.inflight_tokens += tokens
         self._forget_pending(now - MAX_PENDING_AGE)
         entry = Pending(now, tokens, chars, prefill=max(0, tokens - cached_tokens))
+        entry.ticket = self.prefill.ticket(self.waiting, self.pending_requests)
         self.pending.append(entry)
         self.pending_requests += 1
         self.pending_tokens += tokens
-        self._forget_prefilling(now - MAX_PREFILL_AGE)
-        self.prefilling.append(entry)
-        self.prefill_tokens += entry.prefill
+        self.prefill.add(entry)
         self.refresh_load()
         return entry
 
@@ -167,14 +159,13 @@ class Endpoint:
         self.inflight_tokens -= entry.tokens
         if exchange_over:
             self._uncount(entry)
-            self._prefilled(entry)
+            self.prefill.done(entry)
         self.refresh_load()
 
     def reroute(self, entry: Pending) -> None:
         """The gateway served `entry` elsewhere: it was never load here, nor traffic to calibrate on."""
         self.release(entry, exchange_over=True)
-        if entry in self.prefilling:  # it will not be among this engine's first tokens
-            self.prefilling.remove(entry)
+        self.prefill.discard(entry)
         self.chars_per_token.unrouted_request(entry.chars)
 
     def _uncount(self, entry: Pending) -> None:
@@ -182,25 +173,6 @@ class Endpoint:
             entry.counted = False
             self.pending_requests -= 1
             self.pending_tokens -= entry.tokens
-
-    def _prefilled(self, entry: Pending) -> None:
-        self.prefill_tokens -= entry.prefill
-        entry.prefill = 0
-
-    def _first_tokens(self, count: float, routed_before: float) -> None:
-        """`count` more requests got their first token (a negative count: the engine restarted,
-        all did): as many of the oldest entries routed before `routed_before` leave the queue."""
-        queue = self.prefilling
-        if count < 0:
-            count = len(queue)
-        while count >= 1 and queue and queue[0].routed_at < routed_before:
-            self._prefilled(queue.popleft())
-            count -= 1
-
-    def _forget_prefilling(self, before: float) -> None:
-        queue = self.prefilling
-        while queue and queue[0].routed_at < before:
-            self._prefilled(queue.popleft())
 
     def _forget_pending(self, before: float) -> None:
         pending = self.pending

@@ -54,7 +54,7 @@ _ITL_SUM = (b"vllm:inter_token_latency_seconds_sum", b"vllm:time_per_output_toke
 _ITL_COUNT = (b"vllm:inter_token_latency_seconds_count", b"vllm:time_per_output_token_seconds_count")
 _PROMPT_TOKENS = (b"vllm:prompt_tokens_total",)
 _FINISHED = (b"vllm:request_success_total",)  # one series per finish reason: summed
-# Requests past their prefill (the prefill queue, `Endpoint.prefill_tokens`).
+# Requests past their prefill (`picker.datalayer.prefill`).
 _FIRST_TOKENS = (b"vllm:time_to_first_token_seconds_count", b"sglang:time_to_first_token_seconds_count")
 _CACHE_INFO = b"vllm:cache_config_info"
 _LORA_INFO = b"vllm:lora_requests_info"

@@ -9,7 +9,7 @@ import pytest
 
 from picker.admission import Admission
 from picker.config import Config, MetricsConfig
-from picker.datalayer.endpoint import MAX_PENDING_AGE, MAX_PREFILL_AGE, Endpoint, EngineMetrics
+from picker.datalayer.endpoint import MAX_PENDING_AGE, Endpoint, EngineMetrics
 from picker.datalayer.pool import EndpointPool
 from picker.errors import Refusal
 from picker.request import InferenceRequest
@@ -119,53 +119,21 @@ def test_pending_load_is_forgotten_when_scrapes_stop_showing_it() -> None:
     assert (len(endpoint.pending), endpoint.pending_requests, endpoint.pending_tokens) == (1, 1, 10)
 
 
-def test_the_prefill_queue_drains_oldest_first_as_the_engine_counts_first_tokens() -> None:
-    endpoint = Endpoint("a:1", EngineMetrics(first_tokens=7.0))
-    first = endpoint.hold(400, now=10.0)  # 100 tokens at the prior
-    endpoint.hold(800, now=10.5, cached_tokens=150)  # 200 tokens, 150 of them held already
-    endpoint.hold(4000, now=11.0)
-    assert endpoint.prefill_tokens == 100 + 50 + 1000
-    endpoint.observe_metrics(EngineMetrics(first_tokens=7.0), visible_before=11.5)
-    assert endpoint.prefill_tokens == 1150  # nothing past its prefill yet
-    # Two first tokens, but a scrape that began at 10.8 cannot show the request routed at 11.0.
-    endpoint.observe_metrics(EngineMetrics(first_tokens=10.0), visible_before=10.8)
-    assert endpoint.prefill_tokens == 1000 and first.prefill == 0
-    endpoint.observe_metrics(EngineMetrics(first_tokens=11.0), visible_before=12.0)
-    assert (endpoint.prefill_tokens, len(endpoint.prefilling)) == (0, 0)
-
-
-def test_the_prefill_queue_forgets_what_ended_restarted_or_was_never_counted() -> None:
-    endpoint = Endpoint("a:1", EngineMetrics(first_tokens=50.0))
-    over = endpoint.hold(400, now=10.0)
-    endpoint.release(over, exchange_over=True)  # answered (or failed) before any scrape saw it
-    assert endpoint.prefill_tokens == 0
-    lean = endpoint.hold(400, now=10.0)
-    endpoint.release(lean, exchange_over=False)  # lean mode: only the request phase is over
-    assert endpoint.prefill_tokens == 100
-    endpoint.hold(400, now=10.0)
-    endpoint.observe_metrics(EngineMetrics(first_tokens=3.0), visible_before=11.0)  # a restart
-    assert (endpoint.prefill_tokens, len(endpoint.prefilling)) == (0, 0)
-    endpoint.hold(400, now=20.0)  # an engine without the counter: only age takes it out
-    endpoint.observe_metrics(EngineMetrics(), visible_before=21.0)
-    endpoint.hold(40, now=20.0 + MAX_PREFILL_AGE + 1.0)
-    assert endpoint.prefill_tokens == 10
-
-
 def test_a_fallback_that_served_takes_the_prefill_off_the_first_choice() -> None:
     rc = control()
     decision = decided(rc, InferenceRequest(prompt="x" * 400, prompt_chars=400))
     first = decision.endpoint
     other = next(e for e in rc.pool.endpoints if e is not first)
     rc.served_elsewhere(decision, other.address)
-    assert (first.prefill_tokens, len(first.prefilling)) == (0, 0)
-    assert other.prefill_tokens == 100
+    assert (first.prefill.tokens, len(first.prefill.entries)) == (0, 0)
+    assert other.prefill.tokens == 100
     # A scrape may have taken it off the queue already (its first token counted) before the
     # gateway told: moving it again must not fail.
     other.observe_metrics(EngineMetrics(first_tokens=0.0), visible_before=time.monotonic())
     other.observe_metrics(EngineMetrics(first_tokens=1.0), visible_before=time.monotonic())
-    assert other.prefill_tokens == 0
+    assert other.prefill.tokens == 0
     rc.served_elsewhere(decision, first.address)
-    assert (other.prefill_tokens, first.prefill_tokens) == (0, 100)
+    assert (other.prefill.tokens, first.prefill.tokens) == (0, 100)
 
 
 @pytest.mark.parametrize("lived_as_exchange", [True, False])

@@ -153,7 +153,7 @@ def test_kv_cache_scorer_is_free_fraction() -> None:
 def test_inflight_scorer_by_requests_tokens_or_prefill() -> None:
     a, b, c = endpoint("a", inflight=0), endpoint("b", inflight=2), endpoint("c", inflight=4)
     a.inflight_tokens, b.inflight_tokens, c.inflight_tokens = 9000, 1000, 5000
-    a.prefill_tokens, b.prefill_tokens, c.prefill_tokens = 0, 8000, 4000
+    a.prefill.tokens, b.prefill.tokens, c.prefill.tokens = 0, 8000, 4000
     for ep in (a, b, c):
         ep.refresh_load()
     assert scores(InflightLoadScorer(), a, b, c) == [1.0, 0.5, 0.0]
