@@ -165,7 +165,6 @@ class Endpoint:
     def reroute(self, entry: Pending) -> None:
         """The gateway served `entry` elsewhere: it was never load here, nor traffic to calibrate on."""
         self.release(entry, exchange_over=True)
-        self.prefill.discard(entry)
         self.chars_per_token.unrouted_request(entry.chars)
 
     def _uncount(self, entry: Pending) -> None:

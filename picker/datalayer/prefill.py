@@ -43,19 +43,18 @@ class PrefillQueue:
 
     def add(self, entry: Queued) -> None:
         self.forget(entry.routed_at - MAX_AGE)
-        self.entries.append(entry)
-        self.tokens += entry.prefill
+        if entry.prefill:  # a request the endpoint holds whole adds no wait
+            self.entries.append(entry)
+            self.tokens += entry.prefill
 
     def done(self, entry: Queued) -> None:
-        """`entry` is past its prefill (or will never have one here): it no longer counts."""
+        """`entry` is past its prefill, or will never have one here (its exchange ended, it was
+        served elsewhere): it no longer counts, and leaves once no live entry is ahead of it."""
         self.tokens -= entry.prefill
         entry.prefill = 0
-
-    def discard(self, entry: Queued) -> None:
-        """`entry` never reached this engine (served elsewhere)."""
-        self.done(entry)
-        if entry in self.entries:
-            self.entries.remove(entry)
+        entries = self.entries
+        while entries and not entries[0].prefill:
+            entries.popleft()
 
     def first_tokens(self, count: float | None) -> None:
         """A scrape: the engine has counted `count` first tokens (None: it does not count them).
@@ -66,16 +65,16 @@ class PrefillQueue:
             return
         entries = self.entries
         if count < self.counted:
-            while entries:
-                self.done(entries.popleft())
+            self.forget(math.inf)
         elif self.counted < 0:  # the first count seen: those routed before it queue from here
             for position, entry in enumerate(entries, start=1):
                 entry.ticket = count + position
         self.counted = count
         while entries and entries[0].ticket <= count:
-            self.done(entries.popleft())
+            self.done(entries[0])
 
     def forget(self, before: float) -> None:
+        """Entries routed before `before` leave."""
         entries = self.entries
         while entries and entries[0].routed_at < before:
-            self.done(entries.popleft())
+            self.done(entries[0])

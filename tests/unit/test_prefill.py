@@ -49,7 +49,12 @@ def test_the_queue_forgets_what_ended_restarted_or_cannot_be_counted() -> None:
     endpoint.hold(400, now=10.0)
     scraped(endpoint, 3.0, began=11.0)  # the count went back: the engine restarted
     assert (endpoint.prefill.tokens, len(endpoint.prefill.entries)) == (0, 0)
-    scraped(endpoint, None, began=12.0)  # an engine without the counter: only age takes it out
+    # An engine without the counter: exchanges that end leave at once (none is kept)...
+    scraped(endpoint, None, began=12.0)
+    for held in [endpoint.hold(400, now=12.5) for _ in range(100)]:
+        endpoint.release(held, exchange_over=True)
+    assert (endpoint.prefill.tokens, len(endpoint.prefill.entries)) == (0, 0)
+    # ...and what never ends, only age takes out.
     endpoint.hold(400, now=20.0)
     scraped(endpoint, None, began=21.0)
     endpoint.hold(40, now=20.0 + MAX_AGE + 1.0)
