@@ -66,7 +66,7 @@ def endpoints_view(
                 "inflight_requests": ep.inflight_requests,
                 "inflight_prompt_tokens": ep.inflight_tokens,
                 "pending_requests": ep.pending_requests,  # routed since its last scrape began
-                "prefill_tokens": ep.prefill.tokens,  # routed, uncached, awaiting the first token
+                "prefill_tokens": ep.prefill_tokens,  # routed, uncached, awaiting the first token
                 "load": ep.load,
                 "prefix_blocks": {name: index.held(ep) for name, index in indexes.items()},
             }

@@ -79,10 +79,10 @@ class Endpoint:
     And `prefill`: the routed requests still awaiting their first token, with their uncached
     prompt tokens (`prefill.tokens`: what a new request's first token waits behind).
 
-    `load` and `load_tokens` are plain attributes, kept current by `refresh_load` whenever what
-    they derive from changes (a scrape, a hold, a release), because every scorer reads them for
-    every candidate of every decision. Code that assigns `metrics` or the counters directly (tests,
-    benchmarks) calls `refresh_load` afterwards.
+    `load`, `load_tokens` and `prefill_tokens` are plain attributes, kept current by `refresh_load`
+    whenever what they derive from changes (a scrape, a hold, a release), because every scorer
+    reads them for every candidate of every decision. Code that assigns `metrics` or the counters
+    directly (tests, benchmarks) calls `refresh_load` afterwards.
     """
 
     address: str
@@ -104,6 +104,7 @@ class Endpoint:
     prefill: PrefillQueue = field(default_factory=PrefillQueue)
     load: float = field(init=False, default=0.0)
     load_tokens: int = field(init=False, default=0)
+    prefill_tokens: int = field(init=False, default=0)  # prefill.tokens, read flat by the scorer
 
     def __post_init__(self) -> None:
         self.refresh_load()
@@ -188,6 +189,7 @@ class Endpoint:
         scraped = m.running + m.waiting if m is not None else 0.0
         self.load = max(float(self.inflight_requests), scraped + self.pending_requests)
         self.load_tokens = max(self.inflight_tokens, self.pending_tokens)
+        self.prefill_tokens = self.prefill.tokens
 
     @property
     def waiting(self) -> float:

@@ -175,7 +175,7 @@ class Scraper:
         )
         INFLIGHT_REQUESTS.labels(endpoint.address).set_function(lambda: endpoint.inflight_requests)
         INFLIGHT_TOKENS.labels(endpoint.address).set_function(lambda: endpoint.inflight_tokens)
-        PREFILL_TOKENS.labels(endpoint.address).set_function(lambda: endpoint.prefill.tokens)
+        PREFILL_TOKENS.labels(endpoint.address).set_function(lambda: endpoint.prefill_tokens)
 
     def _scrape_done(self, address: str, task: asyncio.Task[None]) -> None:
         if self._inflight.get(address) is task:

@@ -28,7 +28,7 @@ from picker.telemetry import PREFIX_MATCH_RATIO
 
 _load = attrgetter("load")
 _load_tokens = attrgetter("load_tokens")
-_prefill_tokens = attrgetter("prefill.tokens")
+_prefill_tokens = attrgetter("prefill_tokens")
 _address = attrgetter("address")
 
 
@@ -111,7 +111,7 @@ class InflightLoadScorer:
 
     `measure` is what counts: "requests" (`Endpoint.load`: open streams, or requests assumed until
     a scrape shows them), "tokens" (prompt tokens in flight) or "prefill" (uncached prompt tokens
-    awaiting their first token, `Endpoint.prefill`: what a new request's time to first
+    awaiting their first token, `Endpoint.prefill_tokens`: what a new request's time to first
     token waits behind). All move with every decision, so a burst arriving between two scrapes
     is spread instead of landing entirely on the endpoint that looked idle at the last scrape.
     Configure it once per measure to weigh several.
