@@ -97,7 +97,7 @@ class SchedulingConfig:
                 PluginRef("inflight-load-scorer", 1.0),
                 PluginRef("prefill-queue", 2.0),
                 PluginRef("latency-scorer", 2.0),
-                PluginRef("prefix-cache-scorer", 3.0),
+                PluginRef("prefix-cache-scorer", 6.0),
                 PluginRef("lora-affinity-scorer", 1.0),
                 PluginRef("max-score-picker"),
             ),

@@ -322,7 +322,7 @@ def test_default_config_builds_every_default_plugin() -> None:
         "prefix-cache-scorer",
         "lora-affinity-scorer",
     ]
-    assert sched.weights == [2.0, 2.0, 1.0, 2.0, 2.0, 3.0, 1.0]
+    assert sched.weights == [2.0, 2.0, 1.0, 2.0, 2.0, 6.0, 1.0]
     assert [f.name for f in sched.filters] == ["healthy", "served-model"]
 
 
