@@ -74,19 +74,16 @@ class SchedulingConfig:
     """
 
     plugins: tuple[PluginSpec, ...] = (
-        *(
-            PluginSpec(type_)
-            for type_ in (
-                "queue-scorer",  # fewer waiting requests (vllm:num_requests_waiting)
-                "kv-cache-utilization-scorer",  # 1 - vllm:kv_cache_usage_perc
-                "prefix-cache-scorer",  # the replica likely to hold the prompt's KV blocks
-                "lora-affinity-scorer",  # the replica with the request's adapter loaded
-                "inflight-load-scorer",  # requests the picker itself has in flight
-            )
-        ),
+        PluginSpec("queue-scorer"),  # fewer waiting requests (vllm:num_requests_waiting)
+        PluginSpec("kv-cache-utilization-scorer"),  # 1 - vllm:kv_cache_usage_perc
+        PluginSpec("prefix-cache-scorer"),  # the replica likely to hold the prompt's KV blocks
+        PluginSpec("lora-affinity-scorer"),  # the replica with the request's adapter loaded
+        PluginSpec("inflight-load-scorer"),  # requests the picker itself has in flight
         # uncached prompt tokens queued for prefill: what a new request's first token waits behind
         PluginSpec("inflight-load-scorer", "prefill-queue", {"measure": "prefill"}),
-        *(PluginSpec(type_) for type_ in ("latency-scorer", "max-score-picker", "single-profile-handler")),
+        PluginSpec("latency-scorer"),  # faster decoding, as each replica reports it
+        PluginSpec("max-score-picker"),
+        PluginSpec("single-profile-handler"),
     )
     profiles: tuple[SchedulingProfile, ...] = (
         SchedulingProfile(

@@ -144,8 +144,8 @@ class Endpoint:
         self.inflight_requests += 1
         self.inflight_tokens += tokens
         self._forget_pending(now - MAX_PENDING_AGE)
-        entry = Pending(now, tokens, chars, prefill=max(0, tokens - cached_tokens))
-        entry.ticket = self.prefill.ticket(self.waiting, self.pending_requests)
+        ticket = self.prefill.ticket(self.waiting, self.pending_requests)
+        entry = Pending(now, tokens, chars, prefill=max(0, tokens - cached_tokens), ticket=ticket)
         self.pending.append(entry)
         self.pending_requests += 1
         self.pending_tokens += tokens

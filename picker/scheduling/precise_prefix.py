@@ -26,8 +26,7 @@ from picker.datalayer.pool import EndpointPool
 from picker.request import InferenceRequest
 from picker.scheduling.interface import ScorerCategory
 from picker.scheduling.prefix import KVBlockIndex
-from picker.scheduling.scorers import LoadGuard
-from picker.telemetry import PREFIX_MATCH_RATIO
+from picker.scheduling.scorers import LoadGuard, record_held
 from picker.tokenization import BlockHasher, PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -114,8 +113,7 @@ class PrecisePrefixCacheScorer:
         if not hashes:
             return
         held = request.cycle.get(self._matched_key, {}).get(endpoint, 0)
-        PREFIX_MATCH_RATIO.observe(held / len(hashes))
-        request.cached_tokens = max(request.cached_tokens, held * self.block_size_tokens)
+        record_held(request, held, len(hashes), self.block_size_tokens)
         if self.expect_seconds:
             self.index.expect(endpoint, hashes, self.clock() + self.expect_seconds)
 

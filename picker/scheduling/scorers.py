@@ -285,6 +285,14 @@ class LoadGuard:
         return scores if any(scores) else None
 
 
+def record_held(request: InferenceRequest, held: int, total: int, block_tokens: int) -> None:
+    """What a prefix index expected the chosen endpoint to hold of the request (`held` of its
+    `total` blocks): observed as the match ratio, and told to request control as cached tokens,
+    which stay out of that endpoint's prefill queue. Both prefix scorers call it from `on_pick`."""
+    PREFIX_MATCH_RATIO.observe(held / total)
+    request.cached_tokens = max(request.cached_tokens, held * block_tokens)
+
+
 @dataclass(slots=True)
 class _PrefixCycle:
     """What the prefix scorer keeps in `request.cycle` between scoring and `on_pick`."""
@@ -369,9 +377,7 @@ class PrefixCacheScorer:
     def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         state = self._cycle(request)
         if state.hashes:
-            held = state.matched.get(endpoint, 0)
-            PREFIX_MATCH_RATIO.observe(held / len(state.hashes))
-            request.cached_tokens = max(request.cached_tokens, held * self.block_size_tokens)
+            record_held(request, state.matched.get(endpoint, 0), len(state.hashes), self.block_size_tokens)
             self.index.record(endpoint, state.hashes, self._capacity(endpoint))
 
     def _cycle(self, request: InferenceRequest) -> _PrefixCycle:
