@@ -32,7 +32,7 @@ def test_lean_close_delivers_every_byte_and_reports_its_cost(tmp_path: Path) -> 
 
 def test_scrape_cost_is_measured_per_scrape_of_a_real_size_page(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "loadtest", "bench-scrape", "--endpoints", "2", "--seconds", "1",
+        [sys.executable, "-m", "loadtest", "bench-scrape", "--endpoints", "2", "--seconds", "3",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=110, check=False,
     )  # fmt: skip
@@ -40,6 +40,6 @@ def test_scrape_cost_is_measured_per_scrape_of_a_real_size_page(tmp_path: Path) 
     result = json.loads((tmp_path / "bench_scrape.json").read_text())
     assert result["page_bytes"] > 20_000  # every vLLM metric family, with buckets
     (pool,) = result["pools"]
-    assert pool["endpoints"] == 2 and pool["scrapes"] >= 10  # ~2 endpoints x 10 per second
+    assert pool["endpoints"] == 2 and pool["scrapes"] >= 30  # ~2 endpoints x 10 per second
     assert pool["picker_cpu_ms_per_scrape"] > 0
     assert result["simulator"]["sim_cpu_ms_per_page"] > 0
