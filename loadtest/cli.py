@@ -203,6 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "`vllm bench serve --request-rate`; above a mode's capacity its queue (and TTFT) grows. "
         "Several rates make a ladder (capacity at an SLO): one stage per rate, ascending, on one "
         "warm stack per mode, each stage --duration seconds (default 20) or --requests requests. "
+        "A timed window offers exactly R x its seconds requests (Poisson-timed within it). "
         "A trace's rate is its mean arrival rate: its gaps are scaled to reach it (bursts kept)",
     )  # fmt: skip
     run.add_argument(

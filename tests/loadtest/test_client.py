@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from loadtest.client import Client, ClientJob, ClientResult, request_body, stream_request
+from loadtest.client import Client, ClientJob, ClientResult, Stage, request_body, stream_request
 from loadtest.observe import scrape_counters
 from loadtest.processes import free_port
 from loadtest.workloads import MultiTurn, Session, SharedPrefix, Uniform, to_dict
@@ -186,6 +186,31 @@ async def test_open_loop_arrivals_follow_the_seeded_poisson_schedule(serve, tmp_
     measured = [t - arrivals[0] for t in arrivals[1:]]
     assert result.errors.total() == 8
     assert measured == pytest.approx(expected, abs=0.03)  # not a burst: each at its arrival time
+
+
+async def test_a_timed_window_offers_exactly_its_rate_split_over_the_clients(serve, tmp_path: Path) -> None:
+    arrivals: list[float] = []
+
+    async def record(request: web.Request) -> web.Response:
+        arrivals.append(time.monotonic())
+        return web.json_response({"error": "no"}, status=429)
+
+    url = await serve(record)
+    stage = Stage(rate=40.0, duration=0.5)  # 20 requests in all, whatever Poisson's draw
+    counts = []
+    for index in (0, 1):
+        job = ClientJob(
+            index=index, shares=[3, 1], targets=[url], model="m", workload=to_dict(Uniform(input_tokens=8)),
+            seed=4, result_path=str(tmp_path / f"r{index}.json"), stages=[stage],
+        )  # fmt: skip
+        arrivals.clear()
+        async with aiohttp.ClientSession() as http:
+            result = await Client(job, http).run(stage, 0)
+        counts.append(result.errors.total())
+        assert arrivals[-1] - arrivals[0] < 0.5  # all within the window
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        assert max(gaps) > 2 * min(gaps) + 0.005  # Poisson's bursts, not a metronome
+    assert counts == [15, 5]
 
 
 async def test_open_loop_never_exceeds_the_concurrency_cap(serve, tmp_path: Path) -> None:
