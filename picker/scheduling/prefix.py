@@ -115,11 +115,14 @@ class PrefixIndex(BlockOwners):
     """What the picker gave each endpoint: the blocks' owners plus one LRU of block hashes per
     endpoint, sized like that endpoint's KV cache."""
 
-    __slots__ = ("_lru",)
+    __slots__ = ("_lru", "_size")
 
     def __init__(self) -> None:
         super().__init__()
-        self._lru: dict[Endpoint, OrderedDict[int, None]] = {}
+        # endpoint -> block hash -> the engine blocks it stands for: 1, or for a prompt's last
+        # indexed block also the prompt's tail past the index (the engine stores that too)
+        self._lru: dict[Endpoint, OrderedDict[int, int]] = {}
+        self._size: dict[Endpoint, int] = {}  # the sum of an endpoint's LRU values
 
     def entries(self) -> int:
         """Blocks recorded over all endpoints (a block two endpoints hold counts twice)."""
@@ -156,8 +159,14 @@ class PrefixIndex(BlockOwners):
             alive, depth = still, low + 1
         return matched
 
-    def record(self, endpoint: Endpoint, hashes: Sequence[int], capacity: int) -> None:
+    def record(self, endpoint: Endpoint, hashes: Sequence[int], capacity: int, tail: int = 0) -> None:
         """Note that `endpoint` now holds `hashes`, keeping at most `capacity` blocks for it.
+
+        `tail`: the prompt's blocks past the indexed ones. The engine holds those too, so they
+        count against the capacity, charged to the last indexed block: a 13k-token prompt of
+        which the index sees the first 4k fills 13k tokens of cache, and counting 4k kept three
+        times too many prompts "cached". The charge is the largest tail that block was recorded
+        with (a conversation's next turn extends the last one's tail, not adds to it).
 
         The blocks are touched last-to-first so the prefix's first block is the most recent: like
         vLLM, which frees a finished request's blocks tail first, eviction then shortens a prefix
@@ -166,9 +175,12 @@ class PrefixIndex(BlockOwners):
         an endpoint always holds a leading run of any prompt's blocks: the invariant `match`
         relies on (only a 64-bit hash collision could break it, and then only a score is off).
         """
+        if not hashes:
+            return
         lru = self._lru.get(endpoint)
         if lru is None:
             lru = self._lru[endpoint] = OrderedDict()
+        size = self._size.get(endpoint, 0)
         bit = 1 << self._slot(endpoint)
         shards = self._owners
         touch = lru.move_to_end
@@ -176,25 +188,32 @@ class PrefixIndex(BlockOwners):
             if h in lru:
                 touch(h)
             else:
-                lru[h] = None
+                lru[h] = 1
+                size += 1
                 owners = shards[h & _SHARD_MASK]
                 owners[h] = owners.get(h, 0) | bit
-        excess = len(lru) - capacity
-        if excess > 0:  # inlined `_unown`: a prompt of new blocks evicts as many, each a call
+        last = hashes[-1]
+        if tail >= lru[last]:
+            size += tail + 1 - lru[last]
+            lru[last] = tail + 1
+        if size > capacity:  # inlined `_unown`: a prompt of new blocks evicts as many, each a call
             keep = ~bit
             evict = lru.popitem
-            for _ in range(excess):
-                h = evict(False)[0]
+            while size > capacity and lru:
+                h, blocks = evict(False)
+                size -= blocks
                 owners = shards[h & _SHARD_MASK]
                 mask = owners[h] & keep
                 if mask:
                     owners[h] = mask
                 else:
                     del owners[h]
+        self._size[endpoint] = size
 
     def drop_endpoint(self, endpoint: Endpoint) -> None:
         """Forget everything recorded for `endpoint` (it left the pool)."""
         bit = self._release(endpoint)
+        self._size.pop(endpoint, None)
         if bit is not None:
             for h in self._lru.pop(endpoint, ()):
                 self._unown(h, bit)
@@ -202,6 +221,7 @@ class PrefixIndex(BlockOwners):
     def clear(self) -> None:
         super().clear()
         self._lru.clear()
+        self._size.clear()
 
 
 class KVBlockIndex(BlockOwners):

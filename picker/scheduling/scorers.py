@@ -378,7 +378,8 @@ class PrefixCacheScorer:
         state = self._cycle(request)
         if state.hashes:
             record_held(request, state.matched.get(endpoint, 0), len(state.hashes), self.block_size_tokens)
-            self.index.record(endpoint, state.hashes, self._capacity(endpoint))
+            tail = request.prompt_chars // state.block_chars - len(state.hashes)  # past the index
+            self.index.record(endpoint, state.hashes, self._capacity(endpoint), max(0, tail))
 
     def _cycle(self, request: InferenceRequest) -> _PrefixCycle:
         """The request's block hashes, computed once per request and block size."""

@@ -58,7 +58,7 @@ def prefix_scheduler(pool: EndpointPool, seed: int = 0, **parameters: Any) -> Sc
 def route(sched: Scheduler, prompt: str, *, only: Endpoint | None = None, hold: bool = True) -> Endpoint:
     """Schedule a request (optionally forced onto `only`) and, like request control, hold the
     endpoint and teach the observers."""
-    request = InferenceRequest(model="m", prompt=prompt)
+    request = InferenceRequest(model="m", prompt=prompt, prompt_chars=len(prompt))
     candidates = [only] if only is not None else prefix_scorer(sched).pool.endpoints
     result = sched.schedule(request, candidates)
     assert result is not None
@@ -117,6 +117,20 @@ def test_index_capacity_evicts_least_recent_and_prefixes_shrink_from_the_tail() 
     index.record(a, new, capacity=2)
     assert index.match(old) == {}
     assert len(index) == 2
+
+
+def test_index_charges_a_prompts_unindexed_tail_against_the_capacity() -> None:
+    index = PrefixIndex()
+    a = Endpoint("a")
+    first, second = block_hashes(text(1, 2), "m", BLOCK, 256), block_hashes(text(2, 2), "m", BLOCK, 256)
+    index.record(a, first, capacity=8, tail=4)  # 2 indexed blocks stand for a 6-block prompt
+    index.record(a, first, capacity=8, tail=3)  # the next turn: the larger tail stays charged
+    index.record(a, second, capacity=8)  # 6 + 2 fit
+    assert index.match(first) == {a: 2} and index.match(second) == {a: 2}
+    index.record(a, second, capacity=8, tail=1)  # 6 + 3 do not: first's tail block goes, tail and all
+    assert index.match(first) == {a: 1} and index.held(a) == 3
+    index.record(a, block_hashes(text(3, 1), "m", BLOCK, 256), capacity=4)
+    assert index.match(first) == {} and index.match(second) == {a: 2}
 
 
 def test_index_drop_endpoint_forgets_only_that_endpoint() -> None:
@@ -194,6 +208,19 @@ def test_capacity_eviction_loses_affinity_of_an_old_prefix() -> None:
     route(sched, text(3, 4), only=a, hold=False)
     assert prefix_scorer(sched).index.held(a) == 8
     assert prefix_scorer(sched).score(InferenceRequest(model="m", prompt=text(1, 4)), [a, b]) is None
+
+
+def test_a_prompt_longer_than_the_index_fills_the_capacity_it_would_on_the_engine() -> None:
+    # 8 vLLM blocks of 16 tokens; the index matches 2 blocks of a prompt, the engine stores 4.
+    pool = make_pool(2, num_gpu_blocks=8, block_size=16)
+    a, b = pool.endpoints
+    sched = prefix_scheduler(pool, maxPrefixBlocksToMatch=2)
+    route(sched, text(1, 4), only=a, hold=False)
+    route(sched, text(2, 4), only=a, hold=False)
+    assert prefix_scorer(sched).score(InferenceRequest(model="m", prompt=text(1, 4)), [a, b]) == [1.0, 0.0]
+    route(sched, text(3, 4), only=a, hold=False)  # a third 4-block prompt: the first is gone
+    assert prefix_scorer(sched).score(InferenceRequest(model="m", prompt=text(1, 4)), [a, b]) is None
+    assert prefix_scorer(sched).index.held(a) == 4
 
 
 def test_capacity_converts_engine_blocks_to_our_blocks() -> None:
