@@ -46,7 +46,8 @@ class Preset:
     pool: PoolSpec
     rates: tuple[float, ...]
     slo_ttft_p90_ms: float  # wall-clock: the replicas' clock runs at `pool.speed`
-    stage_seconds: float = 10.0
+    # 10 s stages moved a mode's capacity by a step or two between runs near the knee.
+    stage_seconds: float = 20.0
     warmup_seconds: float = 8.0
 
     def workload(self, trace: Path) -> Workload:
