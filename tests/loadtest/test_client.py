@@ -168,14 +168,19 @@ async def test_shared_prefix_warm_up_primes_every_prefix_before_the_measured_run
     assert hits >= 6 * 240
 
 
-async def test_open_loop_arrivals_follow_the_seeded_poisson_schedule(serve, tmp_path: Path) -> None:
+async def refusing_replica(serve: Callable[[Handler], Awaitable[str]]) -> tuple[str, list[float]]:
+    """A replica that answers every request 429 at once; its URL and the requests' arrival times."""
     arrivals: list[float] = []
 
     async def record(request: web.Request) -> web.Response:
         arrivals.append(time.monotonic())
         return web.json_response({"error": "no"}, status=429)
 
-    url = await serve(record)
+    return await serve(record), arrivals
+
+
+async def test_open_loop_arrivals_follow_the_seeded_poisson_schedule(serve, tmp_path: Path) -> None:
+    url, arrivals = await refusing_replica(serve)
     job = ClientJob(
         index=0, shares=[50], targets=[url], model="m", workload=to_dict(Uniform(input_tokens=8)), seed=4,
         result_path=str(tmp_path / "r.json"), max_requests=8, request_rate=20.0,
@@ -189,13 +194,7 @@ async def test_open_loop_arrivals_follow_the_seeded_poisson_schedule(serve, tmp_
 
 
 async def test_a_timed_window_offers_exactly_its_rate_split_over_the_clients(serve, tmp_path: Path) -> None:
-    arrivals: list[float] = []
-
-    async def record(request: web.Request) -> web.Response:
-        arrivals.append(time.monotonic())
-        return web.json_response({"error": "no"}, status=429)
-
-    url = await serve(record)
+    url, arrivals = await refusing_replica(serve)
     stage = Stage(rate=40.0, duration=0.5)  # 20 requests in all, whatever Poisson's draw
     counts = []
     for index in (0, 1):
