@@ -113,9 +113,10 @@ async def start_stack(
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
     sim_args = pool.sim_args()
-    kv_events = free_ports(pool.replicas) if mode in PRECISE_MODES else 0
+    kv_events = free_ports(2 * pool.replicas) if mode in PRECISE_MODES else 0  # publishers, replays
+    replay = kv_events + pool.replicas
     if kv_events:
-        sim_args += ["--kv-events-port", str(kv_events)]
+        sim_args += ["--kv-events-port", str(kv_events), "--kv-events-replay-port", str(replay)]
     async with contextlib.AsyncExitStack() as stack:
         sim = await stack.enter_async_context(SimProcess(*sim_args, ready_timeout=READY_TIMEOUT))
         assert sim.pid is not None
@@ -123,8 +124,9 @@ async def start_stack(
         model, names = await _identify(replicas)
         if kv_events:
             publishers = {address: f"tcp://127.0.0.1:{kv_events + i}" for i, address in enumerate(replicas)}
+            replays = {address: f"tcp://127.0.0.1:{replay + i}" for i, address in enumerate(replicas)}
             config = logs / "picker-precise.yaml"
-            config.write_bytes(orjson.dumps(precise_config(publishers)))  # JSON is YAML
+            config.write_bytes(orjson.dumps(precise_config(publishers, replays)))  # JSON is YAML
             picker_args = (f"--config-file={config}", *picker_args)
         targets = [f"http://{address}" for address in replicas]
         envoy = None
@@ -147,9 +149,10 @@ async def start_stack(
         yield Stack(mode, replicas, names, profiles, targets, model, processes, envoy)
 
 
-def precise_config(publishers: dict[str, str]) -> dict[str, Any]:
+def precise_config(publishers: dict[str, str], replays: dict[str, str] | None = None) -> dict[str, Any]:
     """picker's default configuration with `precise-prefix-cache-scorer` in place of
-    `prefix-cache-scorer` (same weight), reading the simulator's tokenizer and chat template."""
+    `prefix-cache-scorer` (same weight), reading the simulator's tokenizer and chat template and
+    the replicas' KV events (`publishers`) and replay sockets (`replays`) by address."""
     doc = effective_document(Config())
     for plugin in doc["plugins"]:
         if plugin["type"] == "prefix-cache-scorer":
@@ -159,6 +162,7 @@ def precise_config(publishers: dict[str, str]) -> dict[str, Any]:
                 "chatTemplate": str(DEFAULT_CHAT_TEMPLATE),
                 "hashAlgorithm": "xxh3_64",  # the simulator's block hashes
                 "kvEventsEndpoints": publishers,
+                **({"kvEventsReplayEndpoints": replays} if replays else {}),
             }
     for profile in doc["schedulingProfiles"]:
         for ref in profile["plugins"]:

@@ -8,10 +8,13 @@ as arrays tagged by their first item or as maps with a `type` (vLLM has publishe
 
 Every picker subscribes to every endpoint on its own socket (the engine does not say which
 publisher a message came from on a shared one), so any number of active pickers hold the same
-index, with nothing exchanged between them. A break in an endpoint's sequence means lost batches:
-its entries are dropped, since they may now name evicted blocks, and rebuilt from what it stores
-next. So are they when it leaves the pool. Blocks stored before a picker subscribed are unknown
-to it until they are stored again.
+index, with nothing exchanged between them. vLLM can also serve its last `buffer_steps` (10,000)
+batches on a ROUTER replay socket (`"replay_endpoint": "tcp://*:5558"`): where one is configured, a
+picker's first batch from an endpoint brings in the buffered ones before it (what the engine stored
+before this picker started, and the messages a new subscription misses while it joins), and a
+break in the sequence is filled from it. A break nothing fills means lost batches: the endpoint's
+entries are dropped, since they may now name evicted blocks, and rebuilt from what it stores
+next. So are they when it leaves the pool.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from picker.tokenization import external_hash
 log = logging.getLogger(__name__)
 
 RECONCILE_INTERVAL = 1.0  # seconds between matching subscriptions to the pool's endpoints
+REPLAY_TIMEOUT = 2.0  # seconds a replay may take before the batches it did not bring count as lost
+_REPLAY_END = -1  # the sequence number of vLLM's end-of-replay marker
 GPU_MEDIA = (None, "GPU")  # events about other tiers (CPU offload) say nothing of the GPU cache
 
 
@@ -53,10 +58,12 @@ class KVEventSubscriber:
         index: BlockSink,
         address_of: Callable[[Endpoint], str],
         topic: str = "",
+        replay_of: Callable[[Endpoint], str | None] = lambda endpoint: None,
     ) -> None:
         self.pool = pool
         self.index = index
         self.address_of = address_of  # endpoint -> its publisher, e.g. tcp://10.0.0.7:5557
+        self.replay_of = replay_of  # endpoint -> its replay socket, e.g. tcp://10.0.0.7:5558, or None
         self.topic = topic.encode()  # subscribe to messages whose topic starts with this
         self._context = zmq.asyncio.Context.instance()
         self._followers: dict[Endpoint, asyncio.Task[None]] = {}
@@ -97,17 +104,64 @@ class KVEventSubscriber:
                 if len(frames) != 3 or len(frames[1]) != 8:
                     continue  # not vLLM's [topic, seq, payload]
                 seq = int.from_bytes(frames[1], "big")
-                if expected is not None and seq != expected:
-                    KV_EVENT_GAPS.labels(endpoint.address).inc()
-                    self.index.cleared(endpoint)  # lost stores or removals: start over from here
+                if seq != expected:
+                    await self._catch_up(endpoint, expected, seq)
                 expected = seq + 1
-                try:
-                    self.apply(endpoint, frames[2])
-                except (ValueError, TypeError, KeyError, IndexError) as exc:
-                    log.warning("%s: unreadable KV event batch dropped (%s)", endpoint.address, exc)
+                self._apply_readable(endpoint, frames[2])
         finally:
             socket.close()
             self.index.cleared(endpoint)  # unfollowed: what it holds from now on is unknown
+
+    async def _catch_up(self, endpoint: Endpoint, expected: int | None, seq: int) -> None:
+        """Batch `seq` arrived where `expected` was due (None: the subscription's first): apply the
+        batches just before it that the replay socket still has. Unless they reach back to
+        `expected`, batches were lost (or the engine restarted, counting from 0 again): the
+        endpoint's entries are dropped first."""
+        start = 0 if expected is None else expected
+        first, replayed = await self._replay(endpoint, start, seq) if start < seq else (seq, [])
+        if expected is not None:
+            KV_EVENT_GAPS.labels(endpoint.address).inc()
+            if first != expected:  # lost stores or removals: start over from here
+                self.index.cleared(endpoint)
+        for payload in replayed:
+            self._apply_readable(endpoint, payload)
+
+    async def _replay(self, endpoint: Endpoint, start: int, stop: int) -> tuple[int, list[bytes]]:
+        """The endpoint's buffered batches from `start` on that run without a hole up to `stop`
+        (excluded), and the first one's number (`stop`: none)."""
+        address = self.replay_of(endpoint)
+        if address is None:
+            return stop, []
+        socket = self._context.socket(zmq.DEALER)  # one per replay: a late answer cannot mix in
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(address)
+        first, batches = stop, []
+        try:
+            async with asyncio.timeout(REPLAY_TIMEOUT):
+                await socket.send_multipart((b"", start.to_bytes(8, "big")))
+                while True:
+                    frames = await socket.recv_multipart()  # [empty delimiter, seq, payload]
+                    if len(frames) != 3 or len(frames[1]) != 8:
+                        continue
+                    seq = int.from_bytes(frames[1], "big", signed=True)
+                    if seq == _REPLAY_END or seq >= stop:
+                        break
+                    if seq != first + len(batches):  # the first, or after a hole: a run starts
+                        first, batches = seq, []
+                    batches.append(frames[2])
+        except TimeoutError:
+            log.warning("%s: KV event replay from %s timed out", endpoint.address, address)
+        finally:
+            socket.close()
+        if first + len(batches) != stop:  # a hole just before `stop`: nothing here can be applied
+            return stop, []
+        return first, batches
+
+    def _apply_readable(self, endpoint: Endpoint, payload: bytes) -> None:
+        try:
+            self.apply(endpoint, payload)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            log.warning("%s: unreadable KV event batch dropped (%s)", endpoint.address, exc)
 
     def apply(self, endpoint: Endpoint, payload: bytes) -> None:
         """Apply one EventBatch (either encoding) to the index."""

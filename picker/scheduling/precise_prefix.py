@@ -39,7 +39,8 @@ class PrecisePrefixCacheScorer:
     `tokenizer` (a tokenizer.json) and `chat_template` (a jinja file; chat requests need it) are the
     served model's; `hash_algorithm` and `hash_seed` say how the engines name blocks. Each endpoint
     publishes on `tcp://<its host>:<kvEventsPort>` unless `kvEventsEndpoints` maps its address to
-    another publisher. A routed request's blocks count as the chosen endpoint's for
+    another publisher; its replay socket, if any, is found alike (`kvEventsReplayPort`,
+    `kvEventsReplayEndpoints`). A routed request's blocks count as the chosen endpoint's for
     `expectSeconds` (0: off) or until the engine reports them.
     """
 
@@ -56,6 +57,8 @@ class PrecisePrefixCacheScorer:
     kv_events_port: int = 5557
     kv_events_endpoints: dict[str, str] = field(default_factory=dict)  # endpoint address -> publisher
     kv_events_topic: str = ""  # a topic prefix to subscribe to ("" = all)
+    kv_events_replay_port: int = 0  # the engines' replay sockets (vLLM's replay_endpoint); 0: none
+    kv_events_replay_endpoints: dict[str, str] = field(default_factory=dict)  # address -> replay socket
     expect_seconds: float = 2.0
     max_load_gap: float = 8.0
     relative_load_gap: float = 0.25
@@ -73,11 +76,14 @@ class PrecisePrefixCacheScorer:
         for param in ("block_size_tokens", "max_prefix_blocks_to_match", "kv_events_port"):
             if getattr(self, param) < 1:
                 raise ValueError(f"{camel(param)} must be at least 1")
-        mapping = self.kv_events_endpoints
-        if not isinstance(mapping, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
-        ):
-            raise ValueError("kvEventsEndpoints must map endpoint addresses to publisher addresses")
+        if self.kv_events_replay_port < 0:
+            raise ValueError("kvEventsReplayPort must not be negative")
+        for param in ("kv_events_endpoints", "kv_events_replay_endpoints"):
+            mapping = getattr(self, param)
+            if not isinstance(mapping, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+            ):
+                raise ValueError(f"{camel(param)} must map endpoint addresses to ZMQ addresses")
         if self.expect_seconds < 0:
             raise ValueError("expectSeconds must not be negative")
         paths = [Path(self.tokenizer), *([Path(self.chat_template)] if self.chat_template else [])]
@@ -90,7 +96,9 @@ class PrecisePrefixCacheScorer:
             raise ValueError(f"cannot load the tokenizer or chat template: {exc}") from None
         self._hasher = BlockHasher(self.hash_algorithm, self.hash_seed)
         self.guard = LoadGuard(self.max_load_gap, self.relative_load_gap)
-        self.subscriber = KVEventSubscriber(self.pool, self.index, self._publisher, self.kv_events_topic)
+        self.subscriber = KVEventSubscriber(
+            self.pool, self.index, self._publisher, self.kv_events_topic, self._replay_socket
+        )
         self.pool.on_removed(self.index.drop_endpoint)
         self._key = f"{self.name}@{id(self)}"
         self._matched_key = self._key + "/matched"
@@ -145,8 +153,16 @@ class PrecisePrefixCacheScorer:
         return False
 
     def _publisher(self, endpoint: Endpoint) -> str:
-        mapped = self.kv_events_endpoints.get(endpoint.address)
+        return self._socket(endpoint, self.kv_events_endpoints, self.kv_events_port) or ""
+
+    def _replay_socket(self, endpoint: Endpoint) -> str | None:
+        return self._socket(endpoint, self.kv_events_replay_endpoints, self.kv_events_replay_port)
+
+    @staticmethod
+    def _socket(endpoint: Endpoint, mapping: dict[str, str], port: int) -> str | None:
+        """The endpoint's own entry in `mapping`, else its host on `port` (0: none)."""
+        mapped = mapping.get(endpoint.address)
         if mapped:
             return mapped
         host = endpoint.address.rsplit(":", 1)[0]
-        return f"tcp://{host}:{self.kv_events_port}"
+        return f"tcp://{host}:{port}" if port else None

@@ -88,6 +88,39 @@ async def test_the_index_follows_what_a_replica_caches_and_evicts_without_the_pi
         await asyncio.gather(following, return_exceptions=True)
 
 
+async def test_a_picker_that_starts_late_learns_what_the_replica_cached_before_from_its_replay() -> None:
+    config = SimConfig(kv_events=KVEventsConfig(port=0, replay_port=0))
+    async with (
+        run_replicas(1, profiles=PROFILE, config=config) as (replica,),
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        assert replica.kv_events is not None and replica.kv_events.replay_endpoint is not None
+        rng = random.Random(7)
+        system = sized_text(rng, 600)
+        await send(http, f"http://{replica.address}", chat(system, sized_text(rng, 20)))  # no picker yet
+        pool = EndpointPool()
+        pool.set_addresses([replica.address])
+        scorer = PrecisePrefixCacheScorer(
+            pool, tokenizer=str(DEFAULT_TOKENIZER), chat_template=str(DEFAULT_CHAT_TEMPLATE),
+            kv_events_endpoints={replica.address: replica.kv_events.endpoint},
+            kv_events_replay_endpoints={replica.address: replica.kv_events.replay_endpoint},
+            expect_seconds=0.0, hash_algorithm="xxh3_64",
+        )  # fmt: skip
+        following = asyncio.create_task(scorer.run())
+        try:
+            # Unrelated traffic makes the replica publish; the first batch the picker gets brings
+            # in the ones before it.
+            async def learned() -> bool | None:
+                await send(http, f"http://{replica.address}", chat(sized_text(rng, 40), "hi"))
+                scores = scorer.score(request_for(chat(system, "a new question")), pool.endpoints)
+                return True if scores and scores[0] > 0.9 else None
+
+            await poll_until(learned, within=10.0, what="the replica's earlier blocks from its replay")
+        finally:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+
+
 async def test_two_active_precise_pickers_send_each_prefix_to_one_replica(
     picker_server, envoy, client, tmp_path: Path
 ) -> None:
