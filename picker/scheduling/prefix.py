@@ -133,6 +133,11 @@ class PrefixIndex(BlockOwners):
         lru = self._lru.get(endpoint)
         return len(lru) if lru is not None else 0
 
+    def tail(self, endpoint: Endpoint, h: int) -> int:
+        """The blocks past the index recorded with block `h` for `endpoint` (see `record`)."""
+        lru = self._lru.get(endpoint)
+        return lru.get(h, 1) - 1 if lru is not None else 0
+
     def match(self, hashes: Sequence[int]) -> dict[Endpoint, int]:
         """Length in blocks of each endpoint's longest recorded prefix of `hashes` (if > 0).
 

@@ -285,12 +285,13 @@ class LoadGuard:
         return scores if any(scores) else None
 
 
-def record_held(request: InferenceRequest, held: int, total: int, block_tokens: int) -> None:
+def record_held(request: InferenceRequest, held: int, total: int, block_tokens: int, beyond: int = 0) -> None:
     """What a prefix index expected the chosen endpoint to hold of the request (`held` of its
-    `total` blocks): observed as the match ratio, and told to request control as cached tokens,
-    which stay out of that endpoint's prefill queue. Both prefix scorers call it from `on_pick`."""
+    `total` blocks, and `beyond` blocks past them): observed as the match ratio, and told to
+    request control as cached tokens, which stay out of that endpoint's prefill queue. Both prefix
+    scorers call it from `on_pick`."""
     PREFIX_MATCH_RATIO.observe(held / total)
-    request.cached_tokens = max(request.cached_tokens, held * block_tokens)
+    request.cached_tokens = max(request.cached_tokens, (held + beyond) * block_tokens)
 
 
 @dataclass(slots=True)
@@ -376,10 +377,15 @@ class PrefixCacheScorer:
 
     def on_pick(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         state = self._cycle(request)
-        if state.hashes:
-            record_held(request, state.matched.get(endpoint, 0), len(state.hashes), self.block_size_tokens)
-            tail = request.prompt_chars // state.block_chars - len(state.hashes)  # past the index
-            self.index.record(endpoint, state.hashes, self._capacity(endpoint), max(0, tail))
+        hashes = state.hashes
+        if hashes:
+            held = state.matched.get(endpoint, 0)
+            tail = max(0, request.prompt_chars // state.block_chars - len(hashes))  # past the index
+            # All the index sees held: so is what an earlier prompt had past it, as far as this
+            # one's goes (a conversation's next turn recomputes only its new tokens).
+            beyond = min(tail, self.index.tail(endpoint, hashes[-1])) if held == len(hashes) else 0
+            record_held(request, held, len(hashes), self.block_size_tokens, beyond)
+            self.index.record(endpoint, hashes, self._capacity(endpoint), tail)
 
     def _cycle(self, request: InferenceRequest) -> _PrefixCycle:
         """The request's block hashes, computed once per request and block size."""

@@ -223,6 +223,24 @@ def test_a_prompt_longer_than_the_index_fills_the_capacity_it_would_on_the_engin
     assert prefix_scorer(sched).index.held(a) == 4
 
 
+def test_a_follow_up_past_the_index_counts_the_earlier_prompts_tail_as_cached() -> None:
+    pool = make_pool(2, num_gpu_blocks=64, block_size=16)
+    a, b = pool.endpoints
+    scorer = PrefixCacheScorer(pool, FakeClock(), max_prefix_blocks_to_match=2)
+    turn = text(1, 5)  # 2 blocks indexed, 3 past the index
+
+    def pick(prompt: str, endpoint: Endpoint) -> InferenceRequest:
+        request = InferenceRequest(model="m", prompt=prompt, prompt_chars=len(prompt))
+        scorer.score(request, [a, b])
+        scorer.on_pick(request, endpoint)
+        return request
+
+    assert pick(turn, a).cached_tokens == 0
+    assert pick(turn + text(2, 2), a).cached_tokens == 5 * 16  # all of the first turn's 5 blocks
+    assert pick(turn + text(3, 1), b).cached_tokens == 0  # b was given none of it
+    assert pick(text(1, 2) + text(4, 3), a).cached_tokens == 5 * 16  # as far as the index can tell
+
+
 def test_capacity_converts_engine_blocks_to_our_blocks() -> None:
     # Most engines use 64-token blocks, so ours are 64 tokens; one engine's 8 blocks of 16 tokens
     # hold two of them.
