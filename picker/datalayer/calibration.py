@@ -63,8 +63,9 @@ class CharsPerToken:
         if finished is not None and last_finished is not None and finished >= last_finished:
             d_finished = finished - last_finished
         chars, routed = self._take_pending()
-        if d_tokens == 0 and routed == 0:
-            return  # idle: keep the window from decaying away
+        if d_tokens == 0 and routed == 0 and not d_finished:
+            return  # idle: keep the window from decaying away (a scrape that saw only requests
+            # finish is not idle: dropping those undercounted finishes 3x on long decodes)
         self.chars = self.chars * DECAY + chars
         self.routed = self.routed * DECAY + routed
         self.tokens = self.tokens * DECAY + d_tokens

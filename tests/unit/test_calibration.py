@@ -65,6 +65,22 @@ def test_a_counter_reset_is_no_negative_increase() -> None:
     assert estimate.value == pytest.approx(12.0)
 
 
+def test_requests_that_finish_in_a_scrape_of_their_own_are_counted() -> None:
+    # A long decode: each request is routed, prefilled and finished in three different scrapes,
+    # and nothing else happens in the scrape that sees it finish.
+    estimate = CharsPerToken()
+    tokens = finished = 0.0
+    estimate.engine_counters(tokens, finished)
+    for _ in range(200):
+        estimate.routed_request(1200)
+        estimate.engine_counters(tokens, finished)
+        tokens += 100
+        estimate.engine_counters(tokens, finished)
+        finished += 1
+        estimate.engine_counters(tokens, finished)
+    assert estimate.calibrated and estimate.value == pytest.approx(12.0, rel=0.01)
+
+
 def test_idle_scrapes_do_not_wear_the_estimate_away() -> None:
     estimate = CharsPerToken()
     feed(estimate, scrapes=60, chars=1200, tokens=100)
