@@ -65,7 +65,8 @@ class CharsPerToken:
         chars, routed = self._take_pending()
         if d_tokens == 0 and routed == 0 and not d_finished:
             return  # idle: keep the window from decaying away (a scrape that saw only requests
-            # finish is not idle: dropping those undercounted finishes 3x on long decodes)
+            # finish is not idle: dropping those undercounted finishes 2-4x whenever a decode
+            # outlasts a scrape interval)
         self.chars = self.chars * DECAY + chars
         self.routed = self.routed * DECAY + routed
         self.tokens = self.tokens * DECAY + d_tokens

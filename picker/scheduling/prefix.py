@@ -197,10 +197,10 @@ class PrefixIndex(BlockOwners):
                 size += 1
                 owners = shards[h & _SHARD_MASK]
                 owners[h] = owners.get(h, 0) | bit
-        last = hashes[-1]
-        if tail >= lru[last]:
-            size += tail + 1 - lru[last]
-            lru[last] = tail + 1
+        last, charge = hashes[-1], tail + 1
+        if charge > lru[last]:
+            size += charge - lru[last]
+            lru[last] = charge
         if size > capacity:  # inlined `_unown`: a prompt of new blocks evicts as many, each a call
             keep = ~bit
             evict = lru.popitem
