@@ -124,6 +124,9 @@ class PickerProcess:
         return self.process.pid
 
 
+PORT_ATTEMPTS = 3  # picker starts tried when a chosen free port was taken meanwhile
+
+
 @contextlib.asynccontextmanager
 async def start_picker(
     endpoints: Sequence[str], log_path: Path, args: Sequence[str] = (), *, secure: bool = False
@@ -131,21 +134,29 @@ async def start_picker(
     """`python -m picker serve` on free loopback ports; yields once `readiness` is SERVING.
 
     Logs at warning level unless `args` say otherwise: per-request lines would cost the CPU a run
-    measures. Stopped with SIGTERM (its graceful shutdown) on exit.
+    measures. Stopped with SIGTERM (its graceful shutdown) on exit. A free port can be taken by
+    another process before the picker binds it: that start is retried on fresh ports.
     """
-    ports = free_port(), free_port(), free_port()
-    argv = [
-        *("-m", "picker", "serve", f"--secure-serving={str(secure).lower()}", "--grace-period=1"),
-        *("--bind-address", "127.0.0.1", "--grpc-port", str(ports[0])),
-        *("--grpc-health-port", str(ports[1]), "--metrics-port", str(ports[2])),
-        *("--endpoints", ",".join(endpoints), "--log-level", "warning", *args),
-    ]
-    with log_path.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
-        )
+    for attempt in range(PORT_ATTEMPTS):
+        ports = free_port(), free_port(), free_port()
+        argv = [
+            *("-m", "picker", "serve", f"--secure-serving={str(secure).lower()}", "--grace-period=1"),
+            *("--bind-address", "127.0.0.1", "--grpc-port", str(ports[0])),
+            *("--grpc-health-port", str(ports[1]), "--metrics-port", str(ports[2])),
+            *("--endpoints", ",".join(endpoints), "--log-level", "warning", *args),
+        ]
+        with log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        try:
+            await wait_picker_ready(process, ports[1], log_path)
+            break
+        except BaseException as exc:
+            await stop_process(process)
+            if "Address already in use" not in str(exc) or attempt == PORT_ATTEMPTS - 1:
+                raise
     try:
-        await wait_picker_ready(process, ports[1], log_path)
         yield PickerProcess(process, *ports, log_path)
     finally:
         await stop_process(process)
